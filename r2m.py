@@ -1,0 +1,1216 @@
+"""R2M: Real-Time Aligned Reward Model, in one readable module.
+
+Paper: "Real-Time Aligned Reward Model beyond Semantics", Huang et al., ICML 2026, arXiv:2601.22664.
+Baseline beside it: BRME, "Reward-Robust RLHF in LLMs", Yan et al., arXiv:2409.15360 (see `BRMEReward`).
+
+What R2M does, in one breath: RLHF policies learn to exploit a frozen reward model. R2M keeps the reward
+model's (RM's) LLM body frozen but lets it *see the policy*: a small sequence-to-token cross-attention
+reads the policy's last-layer hidden states h, its output is blended with the RM's usual reward-token
+embedding by a schedule ω(t), and only that cross-attention and the score head are retrained after every
+RL step with the GREBT loss (Bradley-Terry on self-labelled pairs + group reward entropy).
+
+This file reads in the order of the paper's Algorithm 1:
+    §1 config                      `R2MConfig`
+    §2 the formulas                Eq. 1 `rloo_advantages`, GRPO `grpo_advantages`, Eq. 2 `policy_loss`,
+                                   Eq. 4 `omega`, Eq. 5 `bradley_terry_loss`, Eq. 6 `group_reward_entropy`,
+                                   Eq. 7 `grebt_loss`
+    §3 the reward model            `HiddenStateCapture`, Eq. 3 `PolicyFeedbackAttention`,
+                                   Eq. 3-4 `R2MRewardModel`, `BRMEReward`, the reward modes table
+    §4 one training step           1 `rollout` (sampling + old/ref log-probs + hidden states)
+                                   2 `annotate_rewards`  3 advantages  4 `policy_update`
+                                   5 `reward_model_update` (GREBT)
+    §5 the loop                    `train` (tqdm, JSON-lines metrics, checkpoints, resume)
+
+Departures from the textbook algorithm, each a "Choice:" written again where it is made:
+- The RM body is frozen, so a sample's reward-token embedding H_last does not change within a step. We
+  compute it once, at reward annotation, and the GREBT step reuses it: the RM step costs no RM forward.
+- The same clipped surrogate and in-loss k3 KL for RLOO and GRPO; only the advantage estimator differs.
+- Loss aggregation: mean over response tokens per sequence, then mean over sequences.
+- Trainable weights (policy, cross-attention, score head) are kept in float32 and run under bf16
+  autocast on GPU; frozen models (reference policy, RM body) are stored in bf16 there.
+- Dropout is switched off in every model: the PPO ratio must be exactly 1 before the first update.
+
+Single-GPU command (Pythia-2.8B on TL;DR, the paper's settings):  python train_tldr.py
+Tiny offline run on CPU (< 2 minutes):                           python train_tldr.py --preset tiny
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------------------------------
+# §1 Config
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class R2MConfig:
+    """Everything the training loop needs. Defaults are the paper's TL;DR settings (SPEC §5)."""
+
+    # --- what to run -------------------------------------------------------------------------------
+    algo: str = field(default="rloo", metadata={"help": "Advantage estimator: 'rloo' (Eq. 1) or 'grpo'."})
+    reward: str = field(
+        default="r2m",
+        metadata={
+            "help": "Reward mode: 'vanilla' (frozen RM), 'r2m', 'r2m_frozen' (feedback path never trained), "
+            "'r2m_noise' (h replaced by Gaussian noise), 'iterative_head' (GREBT on the score head only), "
+            "'brme' (reward-robust ensemble). 'R2M w/o BT' / 'w/o GRE' are --alpha 1 / --alpha 0."
+        },
+    )
+    # --- sizes -------------------------------------------------------------------------------------
+    total_trajectories: int = field(
+        default=1_000_000, metadata={"help": "Trajectories (query, response) in the whole run; sets T."}
+    )
+    queries_per_step: int = field(default=2048, metadata={"help": "n: prompts sampled per RL step."})
+    group_size: int = field(default=4, metadata={"help": "K: responses sampled per prompt (>= 2)."})
+    max_new_tokens: int = field(default=50, metadata={"help": "Longest response, in policy tokens."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (no top-k / top-p)."})
+    # --- policy optimisation (Eq. 2) ----------------------------------------------------------------
+    policy_lr: float = field(default=3e-6, metadata={"help": "Policy AdamW learning rate (linear decay to 0)."})
+    policy_epochs: int = field(default=2, metadata={"help": "k: passes over a step's trajectories."})
+    policy_minibatch_size: int = field(
+        default=512, metadata={"help": "Trajectories per policy optimiser step (must divide n*K)."}
+    )
+    clip_eps: float = field(default=0.2, metadata={"help": "ε of the clipped ratio."})
+    beta: float = field(default=0.05, metadata={"help": "β: weight of the per-token k3 KL to the reference."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip for policy and RM head."})
+    missing_eos_penalty: Optional[float] = field(
+        default=None,
+        metadata={"help": "If set, a response without EOS gets this reward instead of the RM's (off by default)."},
+    )
+    # --- R2M (Eqs. 3-7) -------------------------------------------------------------------------------
+    omega_floor: float = field(default=0.6, metadata={"help": "Ω: floor of the ω(t) schedule (Eq. 4)."})
+    alpha: float = field(default=0.3, metadata={"help": "α: GRE weight in GREBT (Eq. 7); 0 = w/o GRE, 1 = w/o BT."})
+    d_attn: int = field(default=2048, metadata={"help": "d: width of the cross-attention (Eq. 3)."})
+    rm_lr: float = field(default=5e-7, metadata={"help": "AdamW learning rate of cross-attention + score head."})
+    rm_minibatch_groups: int = field(default=32, metadata={"help": "Groups per GREBT optimiser step."})
+    # --- BRME (second paper) --------------------------------------------------------------------------
+    brme_heads: int = field(default=5, metadata={"help": "BRME: number of Gaussian reward heads."})
+    brme_lambda: float = field(default=0.4, metadata={"help": "BRME: λ in (1-λ)·r_nominal + λ·r_min."})
+    brme_preference_file: Optional[str] = field(
+        default=None, metadata={"help": "BRME: JSON-lines file of {prompt, chosen, rejected} to train the heads."}
+    )
+    brme_epochs: int = field(default=2, metadata={"help": "BRME: epochs over each head's bootstrap sample."})
+    brme_lr: float = field(default=1e-4, metadata={"help": "BRME: learning rate of the heads."})
+    # --- memory / speed ------------------------------------------------------------------------------
+    generation_batch_size: int = field(default=256, metadata={"help": "Sequences generated at once."})
+    forward_batch_size: int = field(
+        default=32, metadata={"help": "Sequences per no-grad forward (old/ref log-probs, RM scoring)."}
+    )
+    micro_batch_size: int = field(default=8, metadata={"help": "Sequences per policy forward/backward."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast + bf16 frozen models on GPU (ignored on CPU)."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute policy activations in backward."})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cuda', or 'cpu'."})
+    # --- bookkeeping ---------------------------------------------------------------------------------
+    seed: int = field(default=0, metadata={"help": "Seed for prompts order, sampling and init."})
+    output_dir: str = field(default="runs/r2m", metadata={"help": "Where metrics.jsonl and checkpoint/ go."})
+    save_every: int = field(default=20, metadata={"help": "Write a checkpoint every N steps (and at the end)."})
+    sample_every: int = field(default=10, metadata={"help": "Print a few (prompt, response, reward) every N steps."})
+    resume: bool = field(default=False, metadata={"help": "Continue from output_dir/checkpoint if it exists."})
+
+    @property
+    def trajectories_per_step(self) -> int:
+        return self.queries_per_step * self.group_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.total_trajectories // self.trajectories_per_step
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, with a message that says what to change."""
+        if self.algo not in ("rloo", "grpo"):
+            raise ValueError(f"--algo must be 'rloo' or 'grpo', got {self.algo!r}")
+        if self.reward not in REWARD_MODES:
+            raise ValueError(f"--reward must be one of {sorted(REWARD_MODES)}, got {self.reward!r}")
+        if self.group_size < 2:
+            raise ValueError(f"--group_size must be at least 2 (leave-one-out / group std), got {self.group_size}")
+        if self.total_steps < 1:
+            raise ValueError(
+                f"--total_trajectories {self.total_trajectories} is less than one step of "
+                f"{self.trajectories_per_step} (= queries_per_step x group_size)"
+            )
+        if self.trajectories_per_step % self.policy_minibatch_size:
+            raise ValueError(
+                f"--policy_minibatch_size {self.policy_minibatch_size} must divide n*K = {self.trajectories_per_step}"
+            )
+        if self.policy_minibatch_size % self.micro_batch_size:
+            raise ValueError(
+                f"--micro_batch_size {self.micro_batch_size} must divide --policy_minibatch_size "
+                f"{self.policy_minibatch_size}"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--alpha must lie in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.omega_floor <= 1.0:
+            raise ValueError(f"--omega_floor must lie in [0, 1], got {self.omega_floor}")
+        if not 0.0 <= self.brme_lambda <= 1.0:
+            raise ValueError(f"--brme_lambda must lie in [0, 1], got {self.brme_lambda}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# §2 The formulas
+# ----------------------------------------------------------------------------------------------------
+
+
+def omega(t: int, total_steps: int, floor: float) -> float:
+    """Weight of the RM's own reward-token embedding at step t (0-based) of T."""
+    # Eq. 4: ω(t) = max(½·cos(π·t/T) + ½, Ω).  ω(0) = 1 (pure semantic RM), decays to the floor Ω.
+    return max(0.5 * math.cos(math.pi * t / total_steps) + 0.5, floor)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """(n, K) -> (n, K). Eq. 1: A_ij = r_ij - mean_{j' != j} r_ij'."""
+    K = rewards.shape[1]
+    leave_one_out_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (K - 1)  # (n, K)
+    return rewards - leave_one_out_mean
+
+
+def _group_std(rewards: torch.Tensor) -> torch.Tensor:
+    """(n, K) -> (n, 1). Choice: the unbiased sample std (divide by K-1, torch's default), for GRPO
+    and GRE alike. Clamped under the square root so that a zero-spread group has a finite gradient."""
+    var = rewards.var(dim=1, keepdim=True)  # (n, 1), unbiased
+    return var.clamp_min(1e-24).sqrt()
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(n, K) -> (n, K). GRPO: A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps), unbiased std."""
+    return (rewards - rewards.mean(dim=1, keepdim=True)) / (_group_std(rewards) + eps)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    beta: float,
+) -> tuple[torch.Tensor, dict]:
+    """Eq. 2, negated for gradient descent.
+
+    logprobs, old_logprobs, ref_logprobs: (B, T) log-probs of the sampled response tokens under π_θ,
+    π_old and π_ref; advantages: (B,); mask: (B, T), 1 on response tokens up to and including EOS.
+    """
+    mask = mask.bool()
+    # Eq. 2: ρ = π_θ / π_old per token; surrogate = min(ρ·A, clip(ρ, 1-ε, 1+ε)·A)
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    adv = advantages[:, None]  # (B, 1): one advantage for every token of a response
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # (B, T)
+    # Eq. 2: per-token KL(π_θ || π_ref) by the k3 estimator exp(q - p) - (q - p) - 1, p = log π_θ, q = log π_ref
+    log_ratio_ref = ref_logprobs - logprobs  # (B, T), q - p
+    kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # (B, T), >= 0
+    per_token = -(surrogate - beta * kl)  # (B, T): we minimise the negative objective
+    # Choice: mean over response tokens per sequence, then mean over sequences (SPEC §1).
+    # Masked with `where`, not a product: a padded position may hold an overflowing ratio, and inf·0 = NaN.
+    lengths = mask.sum(dim=1).clamp_min(1)  # (B,)
+    masked_mean = lambda x: (torch.where(mask, x, 0.0).sum(dim=1) / lengths)  # noqa: E731  (B, T) -> (B,)
+    loss = masked_mean(per_token).mean()
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > clip_eps).float()
+        stats = {
+            "policy/loss": loss.item(),
+            "policy/kl_k3": masked_mean(kl).mean().item(),
+            "policy/clipfrac": masked_mean(clipped).mean().item(),
+            "policy/ratio": masked_mean(ratio).mean().item(),
+        }
+    return loss, stats
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """(B,), (B,) -> (). Eq. 5: L_BT = -log σ(r_w - r_l), mean over pairs."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def group_reward_entropy(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(n, K) -> (). Eq. 6, mean over groups.
+
+    z = (r - mean(r)) / (std(r) + eps), p = softmax(z), L_GRE = -Σ_j p_j log p_j.
+    Choice: gradients flow through the mean and the std, as the equation is written.
+    """
+    K = rewards.shape[1]
+    # Eq. 6: standardise within the group, then the entropy of the softmax over the group
+    z = (rewards - rewards.mean(dim=1, keepdim=True)) / (_group_std(rewards) + eps)  # (n, K)
+    log_p = F.log_softmax(z, dim=1)  # (n, K)
+    entropy = -(log_p.exp() * log_p).sum(dim=1)  # (n,)
+    # A group whose K rewards are all equal sits at the entropy maximum log K, where the gradient is zero.
+    # Rounding in mean/std would turn that zero into noise amplified by 1/eps, so we pin such groups to the
+    # constant log K: their gradient is exactly zero (SPEC §3).
+    degenerate = (rewards == rewards[:, :1]).all(dim=1)  # (n,)
+    entropy = torch.where(degenerate, torch.full_like(entropy, math.log(K)), entropy)
+    return entropy.mean()
+
+
+def grebt_loss(new_rewards: torch.Tensor, annotated_rewards: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(n, K), (n, K) -> (). Eq. 7: L_GREBT = (1 - α)·L_BT + α·L_GRE, averaged over groups.
+
+    The pair is chosen by the rewards assigned at annotation (the paper's pseudo-labels: winner = argmax,
+    loser = argmin); both loss terms are computed on `new_rewards`, recomputed with the current score head
+    and the fresh hidden states of the last policy epoch.
+    """
+    winner = annotated_rewards.argmax(dim=1, keepdim=True)  # (n, 1)
+    loser = annotated_rewards.argmin(dim=1, keepdim=True)  # (n, 1)
+    r_w = new_rewards.gather(1, winner).squeeze(1)  # (n,)
+    r_l = new_rewards.gather(1, loser).squeeze(1)  # (n,)
+    # Eq. 7
+    return (1 - alpha) * bradley_terry_loss(r_w, r_l) + alpha * group_reward_entropy(new_rewards)
+
+
+# ----------------------------------------------------------------------------------------------------
+# §3 The reward model: hidden-state capture, cross-attention, R2M reward model, BRME, reward modes
+# ----------------------------------------------------------------------------------------------------
+
+
+class HiddenStateCapture:
+    """Records the policy's last-layer hidden states during a forward pass the loop makes anyway.
+
+    The input of `policy.get_output_embeddings()` (the LM head) is the last hidden state after the final
+    norm, for any Hugging Face causal LM, so a forward hook there costs no extra pass.
+
+        with HiddenStateCapture(policy) as cap:
+            logits = policy(input_ids).logits
+        cap.hidden  # (B, S, D_p), detached
+    """
+
+    def __init__(self, policy: nn.Module, enabled: bool = True):
+        self.policy, self.enabled = policy, enabled
+        self.hidden: Optional[torch.Tensor] = None
+        self._handle = None
+
+    def _hook(self, module, inputs, output):
+        self.hidden = inputs[0].detach()  # (B, S, D_p)
+
+    def __enter__(self) -> "HiddenStateCapture":
+        if self.enabled:
+            self._handle = self.policy.get_output_embeddings().register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class PolicyFeedbackAttention(nn.Module):
+    """Eq. 3: sequence-to-token cross-attention from the RM's reward-token embedding to the policy's states.
+
+    One query from the RM, keys/values from the policy, so the policy and the RM may be different models
+    (different hidden sizes, tokenizers): nothing aligns the two sequences token by token.
+    Choice: single head and no biases (the equation is single-head and bias-free); PyTorch's default
+    Linear init (the paper reports that the untrained module hurts, which a zero init would hide).
+    """
+
+    def __init__(self, d_rm: int, d_policy: int, d_attn: int):
+        super().__init__()
+        self.d_attn = d_attn
+        self.W_q = nn.Linear(d_rm, d_attn, bias=False)
+        self.W_k = nn.Linear(d_policy, d_attn, bias=False)
+        self.W_v = nn.Linear(d_policy, d_attn, bias=False)
+        self.W_o = nn.Linear(d_attn, d_rm, bias=False)
+
+    def forward(self, rte: torch.Tensor, h: torch.Tensor, h_mask: torch.Tensor) -> torch.Tensor:
+        """rte (B, D_rm), h (B, S, D_p), h_mask (B, S) bool (True = real position) -> (B, D_rm)."""
+        h = h.to(self.W_k.weight.dtype)
+        # Eq. 3: q = H_last W_q, k = h W_k, v = h W_v, Ĥ = softmax(q kᵀ / sqrt(d)) v W_o
+        q = self.W_q(rte.to(self.W_q.weight.dtype))  # (B, d)
+        k = self.W_k(h)  # (B, S, d)
+        v = self.W_v(h)  # (B, S, d)
+        scores = torch.einsum("bd,bsd->bs", q, k) / math.sqrt(self.d_attn)  # (B, S)
+        # Padding and post-EOS positions carry no information about the response: they get zero weight.
+        scores = scores.masked_fill(~h_mask, float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # (B, S)
+        attended = torch.einsum("bs,bsd->bd", weights, v)  # (B, d)
+        return self.W_o(attended)  # (B, D_rm)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) -> (B, S). With left padding the first real token must get position 0, as generate() does;
+    a plain forward would number from the first pad instead and see a shifted sequence."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) -> (B,): index of the last real token, whatever the padding side.
+    Choice: found from the attention mask, not from pad-token ids, so an EOS that doubles as the pad token
+    still counts as a real token when it ends a response."""
+    S = attention_mask.shape[1]
+    positions = torch.arange(S, device=attention_mask.device)  # (S,)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+class FrozenRewardBody(nn.Module):
+    """A pretrained scalar RM (any Hugging Face `*ForSequenceClassification` with one label and a `score`
+    head) whose LLM body stays frozen. Subclasses put trainable heads on its reward-token embedding."""
+
+    def __init__(self, reward_model: nn.Module):
+        super().__init__()
+        if not isinstance(getattr(reward_model, "score", None), nn.Linear) or reward_model.score.out_features != 1:
+            raise ValueError(
+                f"{type(reward_model).__name__} is not a scalar *ForSequenceClassification reward model "
+                "(expected a `score` Linear head with one output)"
+            )
+        reward_model.requires_grad_(False)
+        self.reward_model = reward_model
+
+    @torch.no_grad()
+    def reward_token_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, S), (B, S) -> (B, D_rm): H_last, the frozen body's last hidden state at the last real token."""
+        body = self.reward_model.base_model
+        hidden = body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # (B, S, D_rm)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_token_index(attention_mask)]  # (B, D_rm)
+
+    def forward(self, input_ids, attention_mask, h=None, h_mask=None, omega: float = 1.0) -> torch.Tensor:
+        """(B, S), (B, S), (B, S_p, D_p), (B, S_p), ω -> (B,) rewards."""
+        rte = self.reward_token_embedding(input_ids, attention_mask)
+        return self.rewards_from_embedding(rte, h, h_mask, omega)
+
+
+class R2MRewardModel(FrozenRewardBody):
+    """r_φ(x, y, h): a pretrained scalar RM whose body is frozen, plus the policy-feedback path.
+
+    Trainable: the cross-attention (W_q, W_k, W_v, W_o) and the score head φ, which is a float32 copy of the
+    RM's own head, so at ω = 1 R2M gives exactly the RM's own reward. The wrapped RM is never modified.
+    """
+
+    def __init__(self, reward_model: nn.Module, d_policy: int, d_attn: int = 2048):
+        super().__init__(reward_model)
+        d_rm = reward_model.score.in_features
+        self.policy_feedback = PolicyFeedbackAttention(d_rm, d_policy, d_attn).float()
+        self.score_head = nn.Linear(d_rm, 1, bias=reward_model.score.bias is not None).float()
+        self.score_head.load_state_dict({k: v.float() for k, v in reward_model.score.state_dict().items()})
+
+    def trainable_parameters(self, feedback: bool = True) -> Iterator[nn.Parameter]:
+        """The cross-attention (unless feedback=False) and the score head. Nothing else."""
+        if feedback:
+            yield from self.policy_feedback.parameters()
+        yield from self.score_head.parameters()
+
+    def trainable_state_dict(self) -> dict:
+        return {"policy_feedback": self.policy_feedback.state_dict(), "score_head": self.score_head.state_dict()}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        self.policy_feedback.load_state_dict(state["policy_feedback"])
+        self.score_head.load_state_dict(state["score_head"])
+
+    def rewards_from_embedding(
+        self,
+        rte: torch.Tensor,
+        h: Optional[torch.Tensor] = None,
+        h_mask: Optional[torch.Tensor] = None,
+        omega: float = 1.0,
+    ) -> torch.Tensor:
+        """rte (B, D_rm), h (B, S, D_p) or None, h_mask (B, S) -> (B,) rewards φ(H_fin)."""
+        rte = rte.to(self.score_head.weight.dtype)
+        if h is None or omega == 1.0:
+            final = rte  # no feedback (vanilla / iterative head), or ω = 1: H_fin = H_last exactly
+        else:
+            feedback = self.policy_feedback(rte, h, h_mask)  # (B, D_rm), Ĥ
+            # Eq. 4: H_fin = (1 - ω(t))·Ĥ + ω(t)·H_last
+            final = (1 - omega) * feedback + omega * rte
+        return self.score_head(final).squeeze(-1)  # (B,)
+
+
+def gaussian_bradley_terry_loss(
+    mu_w: torch.Tensor, sigma_w: torch.Tensor, mu_l: torch.Tensor, sigma_l: torch.Tensor
+) -> torch.Tensor:
+    """(B,) x 4 -> (). BRME's per-head preference likelihood, averaged over pairs.
+
+    Choice (our reconstruction, SPEC §6): with Gaussian rewards the probit-style closed form
+    P(w ≻ l) = σ((μ_w - μ_l) / sqrt(1 + (π/8)(σ_w² + σ_l²))); loss = -log P. A head can only lower the
+    loss on pairs it gets wrong by widening σ there, so σ grows where pairs are ambiguous."""
+    scale = torch.sqrt(1 + (math.pi / 8) * (sigma_w**2 + sigma_l**2))
+    return -F.logsigmoid((mu_w - mu_l) / scale).mean()
+
+
+def robust_reward(mu: torch.Tensor, sigma: torch.Tensor, lam: float) -> torch.Tensor:
+    """(B, E), (B, E) -> (B,). r_robust = (1 - λ)·r_nominal + λ·r_min (SPEC §6).
+
+    r_nominal: the mean of the head with the smallest σ for that sample; r_min: the smallest head mean."""
+    nominal = mu.gather(1, sigma.argmin(dim=1, keepdim=True)).squeeze(1)  # (B,)
+    worst = mu.min(dim=1).values  # (B,)
+    return (1 - lam) * nominal + lam * worst
+
+
+class BRMEReward(FrozenRewardBody):
+    """Bayesian Reward Model Ensemble: E Gaussian heads on the frozen RM's reward-token embedding.
+
+    Choice (our reconstruction, SPEC §6): head e = Linear(D_rm -> 2) giving (μ_e, log σ_e); the μ row starts
+    from the pretrained score head plus small noise (10% of its weights' std), log σ starts at 0 (σ = 1).
+    The heads are trained before RL by `fit_brme_heads`, then frozen; policy feedback is not used."""
+
+    def __init__(self, reward_model: nn.Module, num_heads: int = 5, lam: float = 0.4, seed: int = 0):
+        super().__init__(reward_model)
+        d_rm = reward_model.score.in_features
+        self.lam = lam
+        self.heads = nn.Linear(d_rm, 2 * num_heads).float()  # rows 2e, 2e+1: μ_e, log σ_e
+        g = torch.Generator().manual_seed(seed)
+        w = reward_model.score.weight.detach().float()[0]  # (D_rm,)
+        b = reward_model.score.bias.detach().float()[0] if reward_model.score.bias is not None else torch.tensor(0.0)
+        with torch.no_grad():
+            noise = 0.1 * w.std() * torch.randn(num_heads, d_rm, generator=g)
+            self.heads.weight.view(num_heads, 2, d_rm)[:, 0] = w + noise
+            self.heads.weight.view(num_heads, 2, d_rm)[:, 1] = 0.0
+            self.heads.bias.view(num_heads, 2)[:, 0] = b
+            self.heads.bias.view(num_heads, 2)[:, 1] = 0.0
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads.out_features // 2
+
+    def head_distributions(self, rte: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D_rm) -> μ (B, E), σ (B, E)."""
+        out = self.heads(rte.to(self.heads.weight.dtype)).view(rte.shape[0], self.num_heads, 2)  # (B, E, 2)
+        return out[..., 0], out[..., 1].clamp(-6.0, 6.0).exp()  # log σ clamped: σ in [2.5e-3, 403]
+
+    def rewards_from_embedding(self, rte, h=None, h_mask=None, omega: float = 1.0) -> torch.Tensor:
+        """(B, D_rm) -> (B,) robust reward; h and ω are ignored (BRME has no policy feedback)."""
+        mu, sigma = self.head_distributions(rte)
+        return robust_reward(mu, sigma, self.lam)
+
+    def trainable_parameters(self, feedback: bool = True) -> Iterator[nn.Parameter]:
+        yield from self.heads.parameters()
+
+    def trainable_state_dict(self) -> dict:
+        return {"heads": self.heads.state_dict(), "lam": self.lam}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        self.heads.load_state_dict(state["heads"])
+        self.lam = state["lam"]
+
+
+def fit_brme_heads(
+    brme: BRMEReward,
+    chosen_rte: torch.Tensor,
+    rejected_rte: torch.Tensor,
+    epochs: int = 2,
+    lr: float = 1e-4,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[float]:
+    """Train each BRME head on its own bootstrap resample of the preference pairs (Gaussian BT loss).
+
+    chosen_rte, rejected_rte: (M, D_rm) reward-token embeddings of the chosen / rejected responses, computed
+    once with the frozen body (`reward_token_embedding`), so training the heads needs no RM forward.
+    Returns each head's training accuracy (fraction of its resample with μ_chosen > μ_rejected)."""
+    M, E = chosen_rte.shape[0], brme.num_heads
+    if M == 0:
+        raise ValueError("BRME needs at least one preference pair")
+    g = torch.Generator().manual_seed(seed)
+    device = brme.heads.weight.device
+    chosen_rte, rejected_rte = chosen_rte.to(device).float(), rejected_rte.to(device).float()
+    # Choice: one bootstrap resample (M draws with replacement) per head, fixed for all epochs.
+    samples = torch.randint(0, M, (E, M), generator=g)  # (E, M)
+    optimizer = torch.optim.AdamW(brme.heads.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(epochs):
+        order = torch.randperm(M, generator=g)
+        for s in range(0, M, batch_size):
+            rows = samples[:, order[s : s + batch_size]]  # (E, b): each head its own pairs
+            mu_w, sig_w = brme.head_distributions(chosen_rte[rows.reshape(-1)])  # (E*b, E)
+            mu_l, sig_l = brme.head_distributions(rejected_rte[rows.reshape(-1)])
+            # keep head e's outputs on head e's pairs only: block-diagonal pick, (E, b)
+            pick = lambda x: x.view(E, -1, E).diagonal(dim1=0, dim2=2).T  # noqa: E731
+            loss = gaussian_bradley_terry_loss(pick(mu_w), pick(sig_w), pick(mu_l), pick(sig_l)) * E
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        mu_w, _ = brme.head_distributions(chosen_rte)
+        mu_l, _ = brme.head_distributions(rejected_rte)
+        correct = (mu_w > mu_l).float()  # (M, E)
+        return [correct[samples[e], e].mean().item() for e in range(E)]
+
+
+@dataclass(frozen=True)
+class RewardMode:
+    """How a reward mode uses the reward model. Chosen once, in `REWARD_MODES`; the loop never branches
+    on the mode's name."""
+
+    feedback: bool  # pass the policy's hidden states through the cross-attention (Eqs. 3-4)
+    noise: bool  # replace h by Gaussian noise with h's mean and variance (ablation)
+    train: bool  # run the GREBT reward-model step after every policy step (Eqs. 5-7)
+    ensemble: bool = False  # BRME: reward-robust ensemble instead of R2M (SPEC §6)
+
+
+# The R2M paper's baselines and ablations (SPEC §4) and BRME. w/o BT / w/o GRE are alpha = 1 / 0.
+REWARD_MODES: dict[str, RewardMode] = {
+    "vanilla": RewardMode(feedback=False, noise=False, train=False),
+    "r2m": RewardMode(feedback=True, noise=False, train=True),
+    "r2m_frozen": RewardMode(feedback=True, noise=False, train=False),
+    "r2m_noise": RewardMode(feedback=True, noise=True, train=True),
+    "iterative_head": RewardMode(feedback=False, noise=False, train=True),
+    "brme": RewardMode(feedback=False, noise=False, train=False, ensemble=True),
+}
+
+
+def gaussian_like(h: torch.Tensor, h_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S, D), (B, S) -> (B, S, D): noise with h's mean and variance.
+    Choice: per sequence and per feature, over the sequence's real positions."""
+    m = h_mask[..., None].to(h.dtype)  # (B, S, 1)
+    count = m.sum(dim=1, keepdim=True).clamp_min(1)  # (B, 1, 1)
+    mean = (h * m).sum(dim=1, keepdim=True) / count  # (B, 1, D)
+    std = (((h - mean) ** 2 * m).sum(dim=1, keepdim=True) / count).sqrt()  # (B, 1, D)
+    return mean + std * torch.randn_like(h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# §4 One training step
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One step's trajectories (N = n·K, group j of prompt i at row i·K + j)."""
+
+    query_responses: torch.Tensor  # (N, P + R) policy tokens: prompt left-padded, response right-padded
+    attention_mask: torch.Tensor  # (N, P + R) 1 on real tokens (prompt, and response up to EOS)
+    response_mask: torch.Tensor  # (N, R) 1 on response tokens up to and including EOS
+    old_logprobs: torch.Tensor  # (N, R) log π_old of the sampled tokens (temperature-scaled)
+    ref_logprobs: torch.Tensor  # (N, R) log π_ref of the same tokens
+    hidden: torch.Tensor  # (N, P + R - 1, D_p) policy last-layer states, on `hidden_device`
+    hidden_mask: torch.Tensor  # (N, P + R - 1) bool, positions whose output predicts a real next token
+    rm_input_ids: torch.Tensor  # (N, S_rm) the RM's view of prompt + response, right-padded
+    rm_attention_mask: torch.Tensor  # (N, S_rm)
+    contains_eos: torch.Tensor  # (N,) bool
+    prompt_len: int  # P
+    reward_token_embedding: Optional[torch.Tensor] = None  # (N, D_rm), filled by annotate_rewards
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists -> ids (B, L), mask (B, L). Left padding so every prompt ends at column L-1 and
+    generation continues right after it."""
+    L = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), L), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, L - len(s) :] = 1
+    return ids, mask
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists -> ids (B, L), mask (B, L)."""
+    L = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), L), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """responses (B, R) -> (responses with pad after the first EOS, mask (B, R) 1 up to and including EOS)."""
+    R = responses.shape[1]
+    is_eos = responses == eos_id  # (B, R)
+    # index of the first EOS, or R when there is none
+    first_eos = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1), torch.full_like(is_eos[:, 0], R, dtype=torch.long))
+    mask = torch.arange(R, device=responses.device)[None, :] <= first_eos[:, None]  # (B, R)
+    return responses.masked_fill(~mask, pad_id), mask.long()
+
+
+def sequence_logprobs(
+    model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, temperature: float
+) -> torch.Tensor:
+    """(B, P+R) -> (B, R): log-probabilities of the response tokens under `model` at `temperature`."""
+    logits = model(
+        input_ids=query_responses,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).logits  # (B, P+R, V)
+    # Logits at position s predict token s+1: the response tokens P..P+R-1 are predicted by P-1..P+R-2.
+    # Divide by the sampling temperature: these must be log-probs of the distribution we sampled from.
+    logits = logits[:, prompt_len - 1 : -1].float() / temperature  # (B, R, V)
+    targets = query_responses[:, prompt_len:]  # (B, R)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, R)
+
+
+def hidden_state_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) -> (B, S-1) bool: position s is kept when tokens s and s+1 are both real, i.e. its output
+    predicts a real next token (SPEC §1: S_ij - 1 positions; padding and post-EOS positions are dropped)."""
+    return (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
+
+
+@dataclass
+class Runtime:
+    """Where things run. Built once in `train` from the config."""
+
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]  # bf16 on GPU, None on CPU
+    hidden_device: torch.device  # where a step's hidden states live between phases
+    hidden_dtype: torch.dtype
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def make_runtime(cfg: R2MConfig) -> Runtime:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    on_gpu = device.type == "cuda"
+    # Where hidden states live: a TL;DR step holds 8192 sequences x ~560 positions x 2560 features, ~24 GB in
+    # bf16, which does not fit next to three 2.8B models and the policy's optimiser. They stay in host memory
+    # (pinned, so copies to the GPU are asynchronous) and move to the GPU one micro-batch at a time.
+    return Runtime(
+        device=device,
+        autocast_dtype=torch.bfloat16 if (on_gpu and cfg.bf16) else None,
+        hidden_device=torch.device("cpu"),
+        hidden_dtype=torch.bfloat16 if (on_gpu and cfg.bf16) else torch.float32,
+    )
+
+
+def _to_host(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    x = x.to(rt.hidden_dtype)
+    if rt.device.type == "cuda":
+        return x.to("cpu", non_blocking=False).pin_memory()
+    return x.to(rt.hidden_device)
+
+
+RMInputs = Callable[[list[int], list[int]], list[int]]  # (prompt ids, response ids) -> RM token ids
+
+
+def retokenize_for_rm(policy_tokenizer, rm_tokenizer, render: Optional[Callable[[str, str], str]] = None) -> RMInputs:
+    """Builds the RM's input when the policy and the RM have different tokenizers: the prompt and the
+    response are decoded to text with the policy's tokenizer and re-tokenised with the RM's own.
+    `render(prompt_text, response_text) -> text` lets a script apply the RM's chat template; by default the
+    RM sees prompt + response followed by its own EOS token."""
+
+    def rm_inputs(prompt_ids: list[int], response_ids: list[int]) -> list[int]:
+        prompt = policy_tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        response = policy_tokenizer.decode(response_ids, skip_special_tokens=True)
+        if render is not None:
+            return rm_tokenizer(render(prompt, response), add_special_tokens=False)["input_ids"]
+        ids = rm_tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+        return ids + ([rm_tokenizer.eos_token_id] if rm_tokenizer.eos_token_id is not None else [])
+
+    return rm_inputs
+
+
+@torch.no_grad()
+def rollout(
+    policy: nn.Module,
+    ref_policy: nn.Module,
+    prompts: list[list[int]],
+    cfg: R2MConfig,
+    rt: Runtime,
+    pad_id: int,
+    eos_id: int,
+    rm_inputs: Optional[RMInputs],
+    rm_pad_id: int,
+) -> Rollout:
+    """1. Trajectory sampling: K responses per prompt from π_old = π_θ, with old and reference log-probs
+    and the policy's last-layer hidden states captured during the old-log-prob forward (no extra pass)."""
+    from transformers import GenerationConfig
+
+    K, R = cfg.group_size, cfg.max_new_tokens
+    policy.eval()
+    # Every prompt is repeated K times, so group i occupies rows i*K .. i*K+K-1.
+    queries = [p for p in prompts for _ in range(K)]
+    query_ids, query_mask = pad_left(queries, pad_id)  # (N, P)
+    P = query_ids.shape[1]
+    # Temperature sampling and nothing else: top_k=0 / top_p=1 override whatever the model's own
+    # generation_config.json would add, so the log-probs below are those of the distribution sampled.
+    gen_config = GenerationConfig(
+        do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=R,
+        pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
+    )
+    responses = []
+    for s in range(0, len(queries), cfg.generation_batch_size):
+        ids = query_ids[s : s + cfg.generation_batch_size].to(rt.device)
+        mask = query_mask[s : s + cfg.generation_batch_size].to(rt.device)
+        with rt.autocast():
+            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+        resp = out[:, P:]  # (b, R') with R' <= R: generation stops once every row has hit EOS
+        resp = F.pad(resp, (0, R - resp.shape[1]), value=pad_id)  # (b, R)
+        responses.append(resp.cpu())
+    response_ids, response_mask = truncate_after_eos(torch.cat(responses), eos_id, pad_id)  # (N, R) each
+    query_responses = torch.cat([query_ids, response_ids], dim=1)  # (N, P+R)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (N, P+R)
+    contains_eos = (response_ids == eos_id).any(dim=1) & (response_mask.sum(1) > 0)
+
+    # Old and reference log-probs. The policy's forward here also yields its hidden states via the hook.
+    old, ref, hidden = [], [], []
+    for s in range(0, len(queries), cfg.forward_batch_size):
+        qr = query_responses[s : s + cfg.forward_batch_size].to(rt.device)
+        am = attention_mask[s : s + cfg.forward_batch_size].to(rt.device)
+        with rt.autocast(), HiddenStateCapture(policy) as cap:
+            old.append(sequence_logprobs(policy, qr, am, P, cfg.temperature).cpu())
+        hidden.append(_to_host(cap.hidden[:, :-1], rt))  # (b, P+R-1, D_p): the last position predicts nothing
+        with rt.autocast():
+            ref.append(sequence_logprobs(ref_policy, qr, am, P, cfg.temperature).cpu())
+
+    # The RM's view of each trajectory: the same token ids when policy and RM share a tokenizer, otherwise
+    # the text re-tokenised by the RM's tokenizer (and template).
+    if rm_inputs is None:
+        rm_ids, rm_mask = query_responses, attention_mask
+    else:
+        rm_seqs = [
+            rm_inputs(queries[i], response_ids[i][response_mask[i].bool()].tolist()) for i in range(len(queries))
+        ]
+        rm_ids, rm_mask = pad_right(rm_seqs, rm_pad_id)
+    return Rollout(
+        query_responses=query_responses,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        old_logprobs=torch.cat(old),
+        ref_logprobs=torch.cat(ref),
+        hidden=torch.cat(hidden),
+        hidden_mask=hidden_state_mask(attention_mask),
+        rm_input_ids=rm_ids,
+        rm_attention_mask=rm_mask,
+        contains_eos=contains_eos,
+        prompt_len=P,
+    )
+
+
+def _feedback_states(ro: Rollout, idx: torch.Tensor, mode: RewardMode, rt: Runtime):
+    """The h and h_mask the reward model sees for rows `idx`, per the reward mode (None: no feedback)."""
+    if not mode.feedback:
+        return None, None
+    h = ro.hidden[idx].to(rt.device, non_blocking=True)  # (b, P+R-1, D_p)
+    h_mask = ro.hidden_mask[idx].to(rt.device)  # (b, P+R-1)
+    if mode.noise:
+        h = gaussian_like(h.float(), h_mask)
+    return h, h_mask
+
+
+@torch.no_grad()
+def annotate_rewards(reward_model, ro: Rollout, omega_t: float, mode: RewardMode, cfg: R2MConfig, rt: Runtime) -> torch.Tensor:
+    """2. Reward annotation: r_ij = r_φ(x_i, y_ij, h_ij) -> (N,) on CPU.
+
+    Choice: the RM body is frozen, so each sample's reward-token embedding H_last is computed here once
+    and kept (N, D_rm) for the GREBT step, which then needs no RM forward at all."""
+    rewards, rtes = [], []
+    N = ro.rm_input_ids.shape[0]
+    for s in range(0, N, cfg.forward_batch_size):
+        idx = torch.arange(s, min(s + cfg.forward_batch_size, N))
+        with rt.autocast():
+            rte = reward_model.reward_token_embedding(
+                ro.rm_input_ids[idx].to(rt.device), ro.rm_attention_mask[idx].to(rt.device)
+            )  # (b, D_rm)
+            h, h_mask = _feedback_states(ro, idx, mode, rt)
+            rewards.append(reward_model.rewards_from_embedding(rte, h, h_mask, omega_t).float().cpu())
+        rtes.append(rte.float())
+    ro.reward_token_embedding = torch.cat(rtes)  # (N, D_rm), stays on the compute device: it is small
+    return torch.cat(rewards)
+
+
+def compute_advantages(rewards: torch.Tensor, algo: str) -> torch.Tensor:
+    """3. Advantages inside each group: (n, K) -> (n, K)."""
+    return rloo_advantages(rewards) if algo == "rloo" else grpo_advantages(rewards)
+
+
+def policy_update(
+    policy: nn.Module, optimizer: torch.optim.Optimizer, ro: Rollout, advantages: torch.Tensor, cfg: R2MConfig, rt: Runtime
+) -> dict:
+    """4. Policy optimisation (Eq. 2): k epochs over the step's trajectories in minibatches.
+
+    In the LAST epoch the forward that computes π_θ's log-probs also captures fresh hidden states
+    (same hook, no extra pass); they replace `ro.hidden` and are what the reward-model step uses.
+    advantages: (N,)."""
+    policy.train()  # only for gradient checkpointing: dropout was switched off at start-up
+    N, P = ro.query_responses.shape[0], ro.prompt_len
+    accumulation = cfg.policy_minibatch_size // cfg.micro_batch_size
+    stats: dict[str, float] = {}
+    n_updates = 0
+    for epoch in range(cfg.policy_epochs):
+        last_epoch = epoch == cfg.policy_epochs - 1
+        order = torch.randperm(N)
+        for mb_start in range(0, N, cfg.policy_minibatch_size):
+            mb = order[mb_start : mb_start + cfg.policy_minibatch_size]
+            optimizer.zero_grad(set_to_none=True)
+            for micro in mb.split(cfg.micro_batch_size):
+                qr = ro.query_responses[micro].to(rt.device)
+                am = ro.attention_mask[micro].to(rt.device)
+                with rt.autocast(), HiddenStateCapture(policy, enabled=last_epoch) as cap:
+                    logprobs = sequence_logprobs(policy, qr, am, P, cfg.temperature)  # (b, R)
+                loss, s = policy_loss(
+                    logprobs,
+                    ro.old_logprobs[micro].to(rt.device),
+                    ro.ref_logprobs[micro].to(rt.device),
+                    advantages[micro].to(rt.device),
+                    ro.response_mask[micro].to(rt.device),
+                    cfg.clip_eps,
+                    cfg.beta,
+                )
+                (loss / accumulation).backward()  # every micro-batch has the same size: exact mean
+                if last_epoch:
+                    ro.hidden[micro] = cap.hidden[:, :-1].to(ro.hidden.device, ro.hidden.dtype)
+                for k, v in s.items():
+                    stats[k] = stats.get(k, 0.0) + v
+                n_updates += 1
+            stats["policy/grad_norm"] = stats.get("policy/grad_norm", 0.0) + float(
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            ) * accumulation
+            optimizer.step()
+    return {k: v / n_updates for k, v in stats.items()}
+
+
+def reward_model_update(
+    reward_model, optimizer: torch.optim.Optimizer, ro: Rollout, annotated: torch.Tensor, omega_t: float,
+    mode: RewardMode, cfg: R2MConfig, rt: Runtime,
+) -> dict:
+    """5. Reward-model optimisation (GREBT, Eqs. 5-7): one pass over the step's groups in minibatches.
+
+    annotated: (n, K) rewards from the annotation phase (pseudo-labels). Rewards are recomputed with the
+    current φ and cross-attention from the cached H_last and the fresh hidden states of the last epoch,
+    at the same ω(t) as the annotation of this step."""
+    K = cfg.group_size
+    n = annotated.shape[0]
+    totals = {"rm/grebt": 0.0, "rm/bt": 0.0, "rm/gre": 0.0}
+    batches = 0
+    for groups in torch.randperm(n).split(cfg.rm_minibatch_groups):
+        idx = (groups[:, None] * K + torch.arange(K)[None, :]).reshape(-1)  # (g*K,) rows of these groups
+        h, h_mask = _feedback_states(ro, idx, mode, rt)
+        with rt.autocast():
+            new = reward_model.rewards_from_embedding(
+                ro.reward_token_embedding[idx.to(ro.reward_token_embedding.device)], h, h_mask, omega_t
+            ).float().view(len(groups), K)  # (g, K)
+        labels = annotated[groups].to(new.device)  # (g, K)
+        loss = grebt_loss(new, labels, cfg.alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+        optimizer.step()
+        with torch.no_grad():
+            w, l = labels.argmax(1, keepdim=True), labels.argmin(1, keepdim=True)
+            totals["rm/bt"] += bradley_terry_loss(new.gather(1, w).squeeze(1), new.gather(1, l).squeeze(1)).item()
+            totals["rm/gre"] += group_reward_entropy(new).item()
+            totals["rm/grebt"] += loss.item()
+        batches += 1
+    return {k: v / batches for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# §5 The loop: set-up, checkpoints, train()
+# ----------------------------------------------------------------------------------------------------
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratio π_θ/π_old must be exactly 1 before the first update, so no model may drop units."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, cfg: R2MConfig, rt: Runtime) -> None:
+    """Place and freeze the three models.
+
+    Choice: the policy and the trainable reward-model parts are float32 master weights under bf16 autocast
+    on GPU (a 3e-6 or 5e-7 step on a bf16 weight is mostly lost to rounding); the frozen reference policy
+    and RM body are stored in bf16 there. On CPU everything is float32."""
+    frozen_dtype = rt.autocast_dtype or torch.float32
+    for m in (policy, ref_policy, reward_model):
+        disable_dropout(m)
+    policy.to(rt.device, torch.float32)
+    ref_policy.to(rt.device, frozen_dtype).eval().requires_grad_(False)
+    reward_model.reward_model.to(rt.device, frozen_dtype).eval()
+    for module in reward_model.children():
+        if module is not reward_model.reward_model:
+            module.to(rt.device, torch.float32)
+    if cfg.gradient_checkpointing and rt.device.type == "cuda":
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = True  # generation still uses the KV cache (checkpointing only in train mode)
+
+
+def step_prompt_indices(num_prompts: int, n: int, step: int, seed: int) -> list[int]:
+    """Which prompts step `step` uses: walk seeded permutations of the data set, one per pass, n at a time.
+    Deterministic in (seed, step), so a resumed run sees the prompts it would have seen."""
+    out: list[int] = []
+    while len(out) < n:
+        epoch, offset = divmod(step * n + len(out), num_prompts)
+        perm = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(n - len(out), num_prompts - offset)
+        out.extend(perm[offset : offset + take].tolist())
+    return out
+
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> str:
+    """Write output_dir/checkpoint atomically: a crash while saving leaves the previous checkpoint intact.
+    policy/ is a Hugging Face folder (eval_judge.py and from_pretrained read it); state.pt holds the rest."""
+    final = os.path.join(output_dir, CHECKPOINT_DIR)
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(os.path.join(tmp, "policy"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+    torch.save(
+        {
+            "step": step,  # last completed step
+            "config": dataclasses.asdict(cfg),
+            "reward_model": reward_model.trainable_state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate(),
+            },
+        },
+        os.path.join(tmp, "state.pt"),
+    )
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, schedulers: dict) -> int:
+    """Restore what save_checkpoint wrote; returns the next step to run."""
+    path = os.path.join(output_dir, CHECKPOINT_DIR)
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    saved = type(policy).from_pretrained(os.path.join(path, "policy"), dtype=torch.float32)
+    policy.load_state_dict(saved.state_dict())
+    del saved
+    reward_model.load_trainable_state_dict(state["reward_model"])
+    for k, o in optimizers.items():
+        o.load_state_dict(state["optimizers"][k])
+    for k, s in schedulers.items():
+        s.load_state_dict(state["schedulers"][k])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    random.setstate(state["rng"]["python"])
+    return state["step"] + 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def train(
+    policy: nn.Module,
+    ref_policy: nn.Module,
+    reward_model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    cfg: R2MConfig,
+    rm_inputs: Optional[RMInputs] = None,
+    rm_pad_id: int = 0,
+) -> list[dict]:
+    """Run Algorithm 1 for cfg.total_steps steps; returns the per-step metrics (also in metrics.jsonl).
+
+    policy / ref_policy: Hugging Face causal LMs (the same weights at start); reward_model: an
+    `R2MRewardModel` (or `BRMEReward`); tokenizer: the policy's; prompts: tokenised prompts;
+    rm_inputs: None when the RM shares the policy's tokenizer, else e.g. `retokenize_for_rm(...)`."""
+    cfg.validate()
+    if not prompts:
+        raise ValueError("no prompts to train on")
+    mode = REWARD_MODES[cfg.reward]
+    if mode.ensemble != isinstance(reward_model, BRMEReward):
+        raise ValueError(f"--reward {cfg.reward} needs {'a BRMEReward' if mode.ensemble else 'an R2MRewardModel'}")
+    T, K, n = cfg.total_steps, cfg.group_size, cfg.queries_per_step
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
+
+    # --- seeding ------------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    rt = make_runtime(cfg)
+    prepare_models(policy, ref_policy, reward_model, cfg, rt)
+
+    # --- optimisers: AdamW, no weight decay, linear decay to 0 over T steps (stepped once per RL step) ----
+    decay = lambda s: max(0.0, 1.0 - s / T)  # noqa: E731
+    optimizers = {"policy": torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=0.0)}
+    if mode.train:
+        rm_params = list(reward_model.trainable_parameters(feedback=mode.feedback))
+        optimizers["reward_model"] = torch.optim.AdamW(rm_params, lr=cfg.rm_lr, weight_decay=0.0)
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, decay) for k, o in optimizers.items()}
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    start = 0
+    if cfg.resume and os.path.exists(os.path.join(cfg.output_dir, CHECKPOINT_DIR, "state.pt")):
+        start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers)
+        tqdm.write(f"resumed from {cfg.output_dir}/{CHECKPOINT_DIR} at step {start}/{T}")
+    elif cfg.resume:
+        tqdm.write(f"--resume: no checkpoint in {cfg.output_dir}, starting from step 0")
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if start == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run does not append to an old run's curve
+
+    history: list[dict] = []
+    bar = tqdm(range(start, T), initial=start, total=T, desc=f"{cfg.algo}+{cfg.reward}", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        omega_t = omega(step, T, cfg.omega_floor) if mode.feedback else 1.0
+        batch = [prompts[i] for i in step_prompt_indices(len(prompts), n, step, cfg.seed)]
+
+        # 1. trajectory sampling (+ old/ref log-probs, + hidden states via the hook)
+        ro = rollout(policy, ref_policy, batch, cfg, rt, pad_id, eos_id, rm_inputs, rm_pad_id)
+        t1 = time.perf_counter()
+        # 2. reward annotation
+        rm_rewards = annotate_rewards(reward_model, ro, omega_t, mode, cfg, rt)  # (N,)
+        rewards = rm_rewards.clone()
+        if cfg.missing_eos_penalty is not None:
+            # Choice (TL;DR convention, off by default): the penalty replaces the policy's reward only;
+            # GREBT's pseudo-labels stay the RM's own rewards.
+            rewards[~ro.contains_eos] = cfg.missing_eos_penalty
+        t2 = time.perf_counter()
+        # 3. advantages inside each group
+        advantages = compute_advantages(rewards.view(n, K), cfg.algo).reshape(-1)  # (N,)
+        # 4. policy optimisation, with the hidden-state refresh in the last epoch
+        pstats = policy_update(policy, optimizers["policy"], ro, advantages, cfg, rt)
+        t3 = time.perf_counter()
+        # 5. reward-model optimisation (GREBT)
+        rstats = {}
+        if mode.train:
+            rstats = reward_model_update(
+                reward_model, optimizers["reward_model"], ro, rm_rewards.view(n, K), omega_t, mode, cfg, rt
+            )
+        t4 = time.perf_counter()
+        for s in schedulers.values():
+            s.step()
+
+        resp_len = ro.response_mask.sum(1).float()
+        kl_seq = ((ro.old_logprobs - ro.ref_logprobs) * ro.response_mask).sum(1)
+        record = {
+            "step": step,
+            "omega": omega_t,
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item(),
+            "reward/rm_mean": rm_rewards.mean().item(),
+            "reward/group_std": rewards.view(n, K).std(dim=1).mean().item(),
+            "response/length": resp_len.mean().item(),
+            "response/eos_frac": ro.contains_eos.float().mean().item(),
+            "kl/sequence": kl_seq.mean().item(),
+            **pstats,
+            **rstats,
+            "lr/policy": schedulers["policy"].get_last_lr()[0],
+            "time/rollout": t1 - t0,
+            "time/reward": t2 - t1,
+            "time/policy": t3 - t2,
+            "time/reward_model": t4 - t3,
+            "time/step": t4 - t0,
+        }
+        history.append(record)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record['kl/sequence']:.3f}", omega=f"{omega_t:.2f}")
+        tqdm.write(
+            f"step {step:4d} | reward {record['reward/mean']:+.4f} | kl {record['kl/sequence']:.4f} | "
+            f"len {record['response/length']:.1f} | ω {omega_t:.3f}"
+            + (f" | grebt {rstats['rm/grebt']:.4f}" if rstats else "")
+            + f" | {record['time/step']:.1f}s"
+        )
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            for row in range(0, min(2 * K, len(batch) * K), K):
+                prompt = tokenizer.decode(batch[row // K], skip_special_tokens=True)
+                response = tokenizer.decode(
+                    ro.query_responses[row, ro.prompt_len :][ro.response_mask[row].bool()], skip_special_tokens=True
+                )
+                tqdm.write(f"  [sample] ...{prompt[-120:]!r} -> {response!r}  reward {rewards[row].item():+.3f}")
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == T - 1:
+            save_checkpoint(cfg.output_dir, step, policy, tokenizer, reward_model, optimizers, schedulers, cfg)
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------
+# §6 What the training scripts share: flags with presets, data and model loading, clear errors
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[str]] = None):
+    """Parse R2MConfig + a script's own dataclass with HfArgumentParser (help text = each field's `help`).
+    `--preset NAME` swaps in that preset's defaults; flags given explicitly still win."""
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="paper")
+    chosen = pre.parse_known_args(argv)[0].preset
+    if chosen not in presets:
+        raise SystemExit(f"error: --preset must be one of {sorted(presets)}, got {chosen!r}")
+    parser = HfArgumentParser((R2MConfig, script_args_cls))
+    parser.set_defaults(**presets[chosen])
+    cfg, args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return cfg, args
+
+
+def load_rows(dataset: str, split: str, columns: list[str]) -> list[dict]:
+    """Rows of a Hugging Face data set (hub name) or of a local .json/.jsonl file, checked for `columns`."""
+    from datasets import load_dataset
+
+    try:
+        if os.path.isfile(dataset) or dataset.endswith((".json", ".jsonl")):
+            data = load_dataset("json", data_files=dataset, split="train")
+        else:
+            data = load_dataset(dataset, split=split)
+    except Exception as e:  # noqa: BLE001 - the data set libraries raise many kinds; the user needs one line
+        raise SystemExit(f"error: could not load data set {dataset!r} (split {split!r}): {type(e).__name__}: {e}")
+    if len(data) == 0:
+        raise SystemExit(f"error: data set {dataset!r} has no rows")
+    missing = [c for c in columns if c not in data.column_names]
+    if missing:
+        raise SystemExit(f"error: data set {dataset!r} has no column(s) {missing}; its columns are {data.column_names}")
+    return [dict(row) for row in data]
+
+
+def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig):
+    """The real models from the hub or local folders: policy (float32 master weights), reference policy and
+    RM (bf16 on GPU), and both tokenizers. Any failure becomes one clear line."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    frozen = torch.bfloat16 if (cfg.bf16 and make_runtime(cfg).device.type == "cuda") else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(policy_name)
+        rm_tokenizer = AutoTokenizer.from_pretrained(reward_model_name)
+        policy = AutoModelForCausalLM.from_pretrained(policy_name, dtype=torch.float32)
+        ref_policy = AutoModelForCausalLM.from_pretrained(policy_name, dtype=frozen)
+        rm = AutoModelForSequenceClassification.from_pretrained(reward_model_name, dtype=frozen, num_labels=1)
+    except Exception as e:  # noqa: BLE001
+        raise SystemExit(
+            f"error: could not load policy {policy_name!r} / reward model {reward_model_name!r}: {type(e).__name__}: {e}"
+        )
+    for tok in (tokenizer, rm_tokenizer):
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token  # masks, not pad ids, decide what is real in this code
+    if rm.config.pad_token_id is None:
+        rm.config.pad_token_id = rm_tokenizer.pad_token_id
+    return policy, ref_policy, rm, tokenizer, rm_tokenizer
+
+
+def same_tokenizer(a, b) -> bool:
+    """True when two tokenizers map text to the same ids (then the RM can reuse the policy's token ids)."""
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def build_reward(cfg: R2MConfig, rm: nn.Module, policy: nn.Module) -> FrozenRewardBody:
+    """The one place where the reward mode picks the reward model's class."""
+    if REWARD_MODES[cfg.reward].ensemble:
+        return BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
+    d_policy = policy.get_output_embeddings().in_features
+    return R2MRewardModel(rm, d_policy=d_policy, d_attn=cfg.d_attn)

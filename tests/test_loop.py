@@ -1,0 +1,130 @@
+"""The training loop on tiny models: what changes, what must not, and that it learns."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import r2m
+import tiny
+
+
+def tiny_cfg(tmp_path, **overrides) -> r2m.R2MConfig:
+    base = dict(
+        queries_per_step=8, group_size=4, total_trajectories=8 * 4 * 2, max_new_tokens=8, policy_lr=1e-3,
+        rm_lr=1e-2, d_attn=16, policy_minibatch_size=16, micro_batch_size=8, forward_batch_size=16,
+        generation_batch_size=32, rm_minibatch_groups=4, device="cpu", output_dir=str(tmp_path / "run"),
+        save_every=0, sample_every=0,
+    )
+    base.update(overrides)
+    return r2m.R2MConfig(**base)
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    after = module.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_one_step_updates_exactly_the_right_parameters(tmp_path, tokenizer, models, prompts):
+    policy, ref_policy, rm = models
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    before = {name: snapshot(m) for name, m in [("policy", policy), ("ref", ref_policy), ("rm", rm),
+                                                   ("attn", reward_model.policy_feedback),
+                                                   ("head", reward_model.score_head)]}
+    # two steps: at t = 0, ω = 1 and the cross-attention gets no gradient; at t = 1, ω = 0.6
+    r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, tiny_cfg(tmp_path, total_trajectories=64))
+    assert changed(before["ref"], ref_policy) == set()  # reference policy bit-identical
+    assert changed(before["rm"], rm) == set()  # RM body AND its own score head bit-identical
+    assert changed(before["attn"], reward_model.policy_feedback) == set(before["attn"])  # all of W_q,k,v,o
+    assert changed(before["head"], reward_model.score_head) == set(before["head"])
+    assert len(changed(before["policy"], policy)) > 0
+    trainable = {id(p) for p in reward_model.trainable_parameters()}
+    frozen = [p for p in reward_model.reward_model.parameters()]
+    assert all(id(p) not in trainable for p in frozen) and all(not p.requires_grad for p in frozen)
+    assert len(trainable) == 4 + len(list(reward_model.score_head.parameters()))  # W_q,k,v,o and φ
+
+
+@pytest.mark.parametrize("mode,attn_trains,head_trains", [
+    ("vanilla", False, False), ("r2m_frozen", False, False), ("iterative_head", False, True),
+    ("r2m_noise", True, True),
+])
+def test_reward_modes_train_what_they_should(tmp_path, tokenizer, models, prompts, mode, attn_trains, head_trains):
+    policy, ref_policy, rm = models
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    attn, head = snapshot(reward_model.policy_feedback), snapshot(reward_model.score_head)
+    history = r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, tiny_cfg(tmp_path, reward=mode))
+    assert bool(changed(attn, reward_model.policy_feedback)) == attn_trains
+    assert bool(changed(head, reward_model.score_head)) == head_trains
+    assert ("rm/grebt" in history[-1]) == head_trains
+    assert history[-1]["omega"] == (1.0 if mode in ("vanilla", "iterative_head") else 0.6)
+
+
+def test_forward_passes_per_step(tmp_path, tokenizer, models, prompts):
+    """Hidden states ride on passes the loop makes anyway: count every forward of one step."""
+    policy, ref_policy, rm = models
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    cfg = tiny_cfg(tmp_path, total_trajectories=32, forward_batch_size=8, micro_batch_size=4)
+    counts = {"policy": 0, "policy_generate": 0, "ref": 0, "rm": 0}
+    in_generate = [False]
+    original_generate = policy.generate
+
+    def generate(*a, **k):
+        in_generate[0] = True
+        try:
+            return original_generate(*a, **k)
+        finally:
+            in_generate[0] = False
+
+    policy.generate = generate
+    policy.register_forward_hook(lambda *a: counts.__setitem__(
+        "policy_generate" if in_generate[0] else "policy", counts["policy_generate" if in_generate[0] else "policy"] + 1))
+    ref_policy.register_forward_hook(lambda *a: counts.__setitem__("ref", counts["ref"] + 1))
+    rm.base_model.register_forward_hook(lambda *a: counts.__setitem__("rm", counts["rm"] + 1))
+    r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
+    N = cfg.trajectories_per_step
+    assert counts["policy"] == N // 8 + cfg.policy_epochs * N // 4  # old log-probs + k epochs, nothing more
+    assert counts["ref"] == N // 8
+    assert counts["rm"] == N // 8  # annotation only: the GREBT step reuses the cached H_last
+    assert 1 <= counts["policy_generate"] <= cfg.max_new_tokens  # one generate call, one pass per token
+
+
+def test_heterogeneous_pair_runs_a_step(tmp_path, tokenizer, prompts):
+    """Llama-style policy (D_p = 48) with a GPT-NeoX RM of another width (D_rm = 32) and its own tokenizer."""
+    policy = tiny.build_policy(tokenizer, arch="llama", hidden_size=48)
+    rm_tokenizer = tiny.build_tokenizer(vocab_size=400)
+    rm = tiny.build_reward_model(rm_tokenizer, hidden_size=32)
+    assert not r2m.same_tokenizer(tokenizer, rm_tokenizer)
+    reward_model = r2m.R2MRewardModel(rm, d_policy=48, d_attn=16)
+    attn = snapshot(reward_model.policy_feedback)
+    rm_inputs = r2m.retokenize_for_rm(tokenizer, rm_tokenizer)
+    history = r2m.train(policy, copy.deepcopy(policy), reward_model, tokenizer, prompts,
+                        tiny_cfg(tmp_path, total_trajectories=64), rm_inputs=rm_inputs,
+                        rm_pad_id=rm_tokenizer.pad_token_id)
+    assert len(history) == 2 and all(math.isfinite(h["reward/mean"]) for h in history)
+    assert changed(attn, reward_model.policy_feedback)
+    # the RM sees the text in its own tokens, and prompt + response round-trip through text
+    ids = rm_inputs(tokenizer("TL;DR: hello", add_special_tokens=False)["input_ids"],
+                    tokenizer(" world", add_special_tokens=False)["input_ids"])
+    assert rm_tokenizer.decode(ids, skip_special_tokens=True) == "TL;DR: hello world"
+    assert ids[-1] == rm_tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_tiny_run_raises_a_fixed_reward(tmp_path, tokenizer, models, prompts, algo):
+    """Frozen tiny RM as a fixed reward. Short responses (3 tokens) keep credit assignment easy enough for
+    a 2-layer random policy to learn within 16 steps of 32 trajectories."""
+    policy, ref_policy, rm = models
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    steps = 16
+    cfg = tiny_cfg(tmp_path, algo=algo, reward="vanilla", total_trajectories=32 * steps, max_new_tokens=3,
+                   beta=0.0, policy_lr=1e-2)
+    history = r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
+    rewards = [h["reward/mean"] for h in history]
+    start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    spread = history[0]["reward/std"]  # std of the reward over the first step's trajectories
+    assert end - start > 1.0 * spread, (algo, [round(r, 3) for r in rewards], spread)
