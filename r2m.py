@@ -595,6 +595,11 @@ class Rollout:
     reward_token_embedding: Optional[torch.Tensor] = None  # (N, D_rm), filled by annotate_rewards
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its EOS id when it has none (masks, not pad ids, decide what is real)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists -> ids (B, L), mask (B, L). Left padding so every prompt ends at column L-1 and
     generation continues right after it."""
@@ -689,36 +694,33 @@ def _to_host(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return x.to(rt.hidden_device)
 
 
-RMInputs = Callable[[list[int], list[int]], list[int]]  # (prompt ids, response ids) -> RM token ids
+RMView = Callable[[str, str], list[int]]  # (prompt text, response text) -> the RM's token ids
 
 
-def retokenize_for_rm(policy_tokenizer, rm_tokenizer, render: Optional[Callable[[str, str], str]] = None) -> RMInputs:
-    """Builds the RM's input when the policy and the RM have different tokenizers: the prompt and the
-    response are decoded to text with the policy's tokenizer and re-tokenised with the RM's own.
-    `render(prompt_text, response_text) -> text` lets a script apply the RM's chat template; by default the
-    RM sees prompt + response followed by its own EOS token."""
+def make_rm_view(rm_tokenizer, render: Optional[Callable[[str, str], str]] = None) -> RMView:
+    """How the RM reads a trajectory when it does not share the policy's tokenizer: the raw prompt text and
+    the decoded response text, rendered by `render(prompt, response) -> text` (e.g. the RM's chat template)
+    and tokenised by the RM's own tokenizer. Default render: prompt + response, then the RM's EOS token."""
 
-    def rm_inputs(prompt_ids: list[int], response_ids: list[int]) -> list[int]:
-        prompt = policy_tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        response = policy_tokenizer.decode(response_ids, skip_special_tokens=True)
+    def rm_view(prompt: str, response: str) -> list[int]:
         if render is not None:
             return rm_tokenizer(render(prompt, response), add_special_tokens=False)["input_ids"]
         ids = rm_tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
         return ids + ([rm_tokenizer.eos_token_id] if rm_tokenizer.eos_token_id is not None else [])
 
-    return rm_inputs
+    return rm_view
 
 
 @torch.no_grad()
 def rollout(
     policy: nn.Module,
     ref_policy: nn.Module,
+    tokenizer,
     prompts: list[list[int]],
+    prompt_texts: Optional[list[str]],
     cfg: R2MConfig,
     rt: Runtime,
-    pad_id: int,
-    eos_id: int,
-    rm_inputs: Optional[RMInputs],
+    rm_view: Optional[RMView],
     rm_pad_id: int,
 ) -> Rollout:
     """1. Trajectory sampling: K responses per prompt from π_old = π_θ, with old and reference log-probs
@@ -726,6 +728,7 @@ def rollout(
     from transformers import GenerationConfig
 
     K, R = cfg.group_size, cfg.max_new_tokens
+    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
     policy.eval()
     # Every prompt is repeated K times, so group i occupies rows i*K .. i*K+K-1.
     queries = [p for p in prompts for _ in range(K)]
@@ -763,14 +766,14 @@ def rollout(
             ref.append(sequence_logprobs(ref_policy, qr, am, P, cfg.temperature).cpu())
 
     # The RM's view of each trajectory: the same token ids when policy and RM share a tokenizer, otherwise
-    # the text re-tokenised by the RM's tokenizer (and template).
-    if rm_inputs is None:
+    # the raw prompt text and the decoded response, re-tokenised by the RM (in its own chat template).
+    if rm_view is None:
         rm_ids, rm_mask = query_responses, attention_mask
     else:
-        rm_seqs = [
-            rm_inputs(queries[i], response_ids[i][response_mask[i].bool()].tolist()) for i in range(len(queries))
-        ]
-        rm_ids, rm_mask = pad_right(rm_seqs, rm_pad_id)
+        texts = tokenizer.batch_decode(
+            [response_ids[i][response_mask[i].bool()] for i in range(len(queries))], skip_special_tokens=True
+        )
+        rm_ids, rm_mask = pad_right([rm_view(prompt_texts[i // K], texts[i]) for i in range(len(queries))], rm_pad_id)
     return Rollout(
         query_responses=query_responses,
         attention_mask=attention_mask,
@@ -1015,23 +1018,25 @@ def train(
     tokenizer,
     prompts: list[list[int]],
     cfg: R2MConfig,
-    rm_inputs: Optional[RMInputs] = None,
+    prompt_texts: Optional[list[str]] = None,
+    rm_view: Optional[RMView] = None,
     rm_pad_id: int = 0,
 ) -> list[dict]:
     """Run Algorithm 1 for cfg.total_steps steps; returns the per-step metrics (also in metrics.jsonl).
 
     policy / ref_policy: Hugging Face causal LMs (the same weights at start); reward_model: an
     `R2MRewardModel` (or `BRMEReward`); tokenizer: the policy's; prompts: tokenised prompts;
-    rm_inputs: None when the RM shares the policy's tokenizer, else e.g. `retokenize_for_rm(...)`."""
+    prompt_texts: the raw prompts (what the RM reads); rm_view: None when the RM shares the policy's
+    tokenizer (it then reads the policy's token ids), else `make_rm_view(rm_tokenizer, ...)`."""
     cfg.validate()
     if not prompts:
         raise ValueError("no prompts to train on")
+    if rm_view is not None and (prompt_texts is None or len(prompt_texts) != len(prompts)):
+        raise ValueError("an RM with its own tokenizer needs prompt_texts, one per prompt")
     mode = REWARD_MODES[cfg.reward]
     if mode.ensemble != isinstance(reward_model, BRMEReward):
         raise ValueError(f"--reward {cfg.reward} needs {'a BRMEReward' if mode.ensemble else 'an R2MRewardModel'}")
     T, K, n = cfg.total_steps, cfg.group_size, cfg.queries_per_step
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_id = tokenizer.eos_token_id
 
     # --- seeding ------------------------------------------------------------------------------------
     seed_everything(cfg.seed)
@@ -1062,10 +1067,12 @@ def train(
     for step in bar:
         t0 = time.perf_counter()
         omega_t = omega(step, T, cfg.omega_floor) if mode.feedback else 1.0
-        batch = [prompts[i] for i in step_prompt_indices(len(prompts), n, step, cfg.seed)]
+        chosen = step_prompt_indices(len(prompts), n, step, cfg.seed)
+        batch = [prompts[i] for i in chosen]
+        batch_texts = [prompt_texts[i] for i in chosen] if prompt_texts is not None else None
 
         # 1. trajectory sampling (+ old/ref log-probs, + hidden states via the hook)
-        ro = rollout(policy, ref_policy, batch, cfg, rt, pad_id, eos_id, rm_inputs, rm_pad_id)
+        ro = rollout(policy, ref_policy, tokenizer, batch, batch_texts, cfg, rt, rm_view, rm_pad_id)
         t1 = time.perf_counter()
         # 2. reward annotation
         rm_rewards = annotate_rewards(reward_model, ro, omega_t, mode, cfg, rt)  # (N,)
@@ -1208,9 +1215,56 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
 
-def build_reward(cfg: R2MConfig, rm: nn.Module, policy: nn.Module) -> FrozenRewardBody:
-    """The one place where the reward mode picks the reward model's class."""
+def response_text(x) -> str:
+    """A response given as text, or as a chat (list of {role, content}) whose last message is the reply."""
+    return x[-1]["content"] if isinstance(x, list) else str(x)
+
+
+def fit_brme_from_file(brme: BRMEReward, path: str, rm_view: RMView, cfg: R2MConfig) -> list[float]:
+    """Train BRME's heads on a preference file: rows {prompt, chosen, rejected} (texts, or chats as in
+    UltraFeedback). The RM body runs once per response to get its reward-token embedding."""
+    rows = load_rows(path, "train", ["prompt", "chosen", "rejected"])
+    rt = make_runtime(cfg)
+    brme.to(rt.device)
+    brme.reward_model.to(rt.device, rt.autocast_dtype or torch.float32).eval()
+
+    def embed(column: str) -> torch.Tensor:  # -> (M, D_rm)
+        out = []
+        for s in range(0, len(rows), cfg.forward_batch_size):
+            ids = [rm_view(str(r["prompt"]), response_text(r[column])) for r in rows[s : s + cfg.forward_batch_size]]
+            ids, mask = pad_right(ids, 0)
+            with rt.autocast():
+                out.append(brme.reward_token_embedding(ids.to(rt.device), mask.to(rt.device)).float())
+        return torch.cat(out)
+
+    accuracies = fit_brme_heads(brme, embed("chosen"), embed("rejected"), cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed)
+    tqdm.write(f"BRME: {brme.num_heads} heads on {len(rows)} pairs from {path}; train accuracy per head "
+               + ", ".join(f"{a:.3f}" for a in accuracies))
+    return accuracies
+
+
+def build_reward(cfg: R2MConfig, rm: nn.Module, policy: nn.Module, rm_view: RMView) -> FrozenRewardBody:
+    """The one place where the reward mode picks the reward model's class (and BRME fits its heads)."""
     if REWARD_MODES[cfg.reward].ensemble:
-        return BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
+        brme = BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
+        if cfg.resume and os.path.exists(os.path.join(cfg.output_dir, CHECKPOINT_DIR, "state.pt")):
+            return brme  # the fitted heads come back with the checkpoint
+        if not cfg.brme_preference_file:
+            raise SystemExit("error: --reward brme needs --brme_preference_file (JSON lines: prompt, chosen, rejected)")
+        fit_brme_from_file(brme, cfg.brme_preference_file, rm_view, cfg)
+        return brme
     d_policy = policy.get_output_embeddings().in_features
     return R2MRewardModel(rm, d_policy=d_policy, d_attn=cfg.d_attn)
+
+
+def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts: list[list[int]],
+        prompt_texts: list[str], render: Optional[Callable[[str, str], str]] = None) -> list[dict]:
+    """What both training scripts do once their data and models are loaded: choose how the RM reads a
+    trajectory, build the reward model for the mode, train."""
+    if not prompts:
+        raise SystemExit("error: no non-empty prompts to train on")
+    rm_view = make_rm_view(rm_tokenizer, render)
+    shares_ids = render is None and same_tokenizer(tokenizer, rm_tokenizer)
+    reward_model = build_reward(cfg, rm, policy, rm_view)
+    return train(policy, ref_policy, reward_model, tokenizer, prompts, cfg, prompt_texts=prompt_texts,
+                 rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer))

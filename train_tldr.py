@@ -71,15 +71,9 @@ def main(argv=None) -> list[dict]:
         ref_policy = copy.deepcopy(policy)
     else:
         policy, ref_policy, rm, tokenizer, rm_tokenizer = r2m.load_pretrained(args.policy_model, args.reward_model, cfg)
-    prompts = [tokenize_prompt(tokenizer, row[args.prompt_column], args.max_prompt_tokens) for row in rows]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise SystemExit(f"error: no non-empty prompts in {args.dataset!r}")
-    rm_inputs = None if r2m.same_tokenizer(tokenizer, rm_tokenizer) else r2m.retokenize_for_rm(tokenizer, rm_tokenizer)
-    reward_model = r2m.build_reward(cfg, rm, policy)
-    return r2m.train(
-        policy, ref_policy, reward_model, tokenizer, prompts, cfg, rm_inputs=rm_inputs, rm_pad_id=rm_tokenizer.pad_token_id
-    )
+    texts = [str(row[args.prompt_column]) for row in rows]
+    prompts = [tokenize_prompt(tokenizer, text, args.max_prompt_tokens) for text in texts]
+    return r2m.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts)
 
 
 if __name__ == "__main__":

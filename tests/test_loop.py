@@ -101,15 +101,15 @@ def test_heterogeneous_pair_runs_a_step(tmp_path, tokenizer, prompts):
     assert not r2m.same_tokenizer(tokenizer, rm_tokenizer)
     reward_model = r2m.R2MRewardModel(rm, d_policy=48, d_attn=16)
     attn = snapshot(reward_model.policy_feedback)
-    rm_inputs = r2m.retokenize_for_rm(tokenizer, rm_tokenizer)
+    rm_view = r2m.make_rm_view(rm_tokenizer)
+    texts = [tokenizer.decode(p) for p in prompts]
     history = r2m.train(policy, copy.deepcopy(policy), reward_model, tokenizer, prompts,
-                        tiny_cfg(tmp_path, total_trajectories=64), rm_inputs=rm_inputs,
+                        tiny_cfg(tmp_path, total_trajectories=64), prompt_texts=texts, rm_view=rm_view,
                         rm_pad_id=rm_tokenizer.pad_token_id)
     assert len(history) == 2 and all(math.isfinite(h["reward/mean"]) for h in history)
     assert changed(attn, reward_model.policy_feedback)
     # the RM sees the text in its own tokens, and prompt + response round-trip through text
-    ids = rm_inputs(tokenizer("TL;DR: hello", add_special_tokens=False)["input_ids"],
-                    tokenizer(" world", add_special_tokens=False)["input_ids"])
+    ids = rm_view("TL;DR: hello", " world")
     assert rm_tokenizer.decode(ids, skip_special_tokens=True) == "TL;DR: hello world"
     assert ids[-1] == rm_tokenizer.eos_token_id
 
