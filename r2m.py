@@ -106,6 +106,9 @@ class R2MConfig:
     )
     brme_epochs: int = field(default=2, metadata={"help": "BRME: epochs over each head's bootstrap sample."})
     brme_lr: float = field(default=1e-4, metadata={"help": "BRME: learning rate of the heads."})
+    brme_sigma_prior: float = field(
+        default=0.01, metadata={"help": "BRME: weight γ of the γ·(log σ)² prior that pulls each head's σ toward 1."}
+    )
     # --- memory / speed ------------------------------------------------------------------------------
     generation_batch_size: int = field(default=256, metadata={"help": "Sequences generated at once."})
     forward_batch_size: int = field(
@@ -506,6 +509,7 @@ def fit_brme_heads(
     lr: float = 1e-4,
     batch_size: int = 64,
     seed: int = 0,
+    sigma_prior: float = 0.01,
 ) -> list[float]:
     """Train each BRME head on its own bootstrap resample of the preference pairs (Gaussian BT loss).
 
@@ -530,6 +534,11 @@ def fit_brme_heads(
             # keep head e's outputs on head e's pairs only: block-diagonal pick, (E, b)
             pick = lambda x: x.view(E, -1, E).diagonal(dim1=0, dim2=2).T  # noqa: E731
             loss = gaussian_bradley_terry_loss(pick(mu_w), pick(sig_w), pick(mu_l), pick(sig_l)) * E
+            # Choice: a weak prior γ·(log σ)² pulls σ toward 1. Where a head cannot order a pair (margin ~0)
+            # the likelihood above is flat in σ, so without a prior σ there is not identified and drifts
+            # down with the rest; with it, σ shrinks only where pairs are consistently separated.
+            log_sigmas = torch.cat([pick(sig_w), pick(sig_l)]).log()
+            loss = loss + sigma_prior * E * (log_sigmas**2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -1237,7 +1246,10 @@ def fit_brme_from_file(brme: BRMEReward, path: str, rm_view: RMView, cfg: R2MCon
                 out.append(brme.reward_token_embedding(ids.to(rt.device), mask.to(rt.device)).float())
         return torch.cat(out)
 
-    accuracies = fit_brme_heads(brme, embed("chosen"), embed("rejected"), cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed)
+    accuracies = fit_brme_heads(
+        brme, embed("chosen"), embed("rejected"), cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed,
+        sigma_prior=cfg.brme_sigma_prior,
+    )
     tqdm.write(f"BRME: {brme.num_heads} heads on {len(rows)} pairs from {path}; train accuracy per head "
                + ", ".join(f"{a:.3f}" for a in accuracies))
     return accuracies
@@ -1261,6 +1273,8 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
         prompt_texts: list[str], render: Optional[Callable[[str, str], str]] = None) -> list[dict]:
     """What both training scripts do once their data and models are loaded: choose how the RM reads a
     trajectory, build the reward model for the mode, train."""
+    keep = [i for i, p in enumerate(prompts) if p]  # an empty prompt has nothing to condition on
+    prompts, prompt_texts = [prompts[i] for i in keep], [prompt_texts[i] for i in keep]
     if not prompts:
         raise SystemExit("error: no non-empty prompts to train on")
     rm_view = make_rm_view(rm_tokenizer, render)

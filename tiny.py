@@ -15,7 +15,10 @@ import random
 import torch
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-TLDR_TINY = os.path.join(DATA_DIR, "tldr_tiny.jsonl")
+TLDR_TINY = os.path.join(DATA_DIR, "tldr_tiny.jsonl")  # prompts (+ reference summaries) for training
+TLDR_TINY_TEST = os.path.join(DATA_DIR, "tldr_tiny_test.jsonl")  # held-out prompts + references, for eval
+PREFERENCES_TINY = os.path.join(DATA_DIR, "preferences_tiny.jsonl")  # {prompt, chosen, rejected} pairs
+ULTRAFEEDBACK_TINY = os.path.join(DATA_DIR, "ultrafeedback_tiny.jsonl")  # UltraFeedback-binarized format
 
 SUBREDDITS = ["relationships", "AskReddit", "personalfinance", "cooking", "running", "jobs"]
 NOUNS = ["roommate", "boss", "dog", "landlord", "sister", "car", "apartment", "garden", "bike", "friend",
@@ -49,6 +52,43 @@ def synthetic_tldr_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+QUESTIONS = ["How do I fix my {n}?", "Can you suggest a plan for my {n}?", "Why is my {n} so {a}?",
+             "What should I tell my {n}?", "Give me three tips about a {a} {n}."]
+
+
+def synthetic_ultrafeedback_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows in UltraFeedback-binarized format: `prompt`, and `chosen` / `rejected` chats whose last message
+    is the assistant's reply."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = rng.choice(QUESTIONS).format(n=rng.choice(NOUNS), a=rng.choice(ADJECTIVES))
+        good = "Sure. " + " ".join(_sentence(rng) for _ in range(rng.randint(1, 3)))
+        bad = " ".join([rng.choice(NOUNS)] * rng.randint(3, 8))
+        chat = lambda reply: [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]  # noqa
+        rows.append({"prompt": prompt, "chosen": chat(good), "rejected": chat(bad)})
+    return rows
+
+
+def synthetic_preference_rows(n: int, seed: int = 0, contradictory: float = 0.0) -> list[dict]:
+    """TL;DR-style preference pairs {prompt, chosen, rejected, kind}.
+
+    'consistent' pairs: a well-formed summary is always preferred over a repeated-word one.
+    'contradictory' pairs (a fraction `contradictory`): two shouted (upper-case) summaries with a coin-flip
+    label, so the same kind of pair is labelled both ways: a good uncertainty model is unsure there."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = synthetic_tldr_rows(1, seed=rng.randrange(10**9))[0]["prompt"]
+        if rng.random() < contradictory:
+            a, b = " " + _sentence(rng).upper(), " " + _sentence(rng).upper()
+            rows.append({"prompt": prompt, "chosen": a, "rejected": b, "kind": "contradictory"})
+        else:
+            spam = " " + " ".join([rng.choice(NOUNS)] * rng.randint(3, 8))
+            rows.append({"prompt": prompt, "chosen": " " + _sentence(rng), "rejected": spam, "kind": "consistent"})
+    return rows
+
+
 def write_jsonl(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -59,11 +99,19 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 def _corpus() -> list[str]:
     rows = synthetic_tldr_rows(400, seed=1234)
     texts = [r["prompt"] + r["completion"] for r in rows]
-    texts += ["Preferred: A", "Preferred: B", "Which summary is better? Summary A: Summary B:"]
+    texts += [r["chosen"][-1]["content"] + r["prompt"] for r in synthetic_ultrafeedback_rows(200, seed=99)]
+    texts += [r["chosen"] for r in synthetic_preference_rows(100, seed=98, contradictory=0.5)]
+    texts += ["Preferred: A", "Preferred: B", "Which summary is better? Summary A: Summary B:",
+              "### User: ### Assistant:"]
     return texts
 
 
-def build_tokenizer(vocab_size: int = 512):
+RM_CHAT_TEMPLATE = (  # a second, different chat format, for a reward model that is not the policy's family
+    "{% for m in messages %}### {{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}{{ eos_token }}"
+)
+
+
+def build_tokenizer(vocab_size: int = 512, chat_template: str = CHAT_TEMPLATE):
     """A byte-level BPE tokenizer trained in code on the synthetic corpus (deterministic, ~0.1 s).
     Byte-level, so any text round-trips through encode/decode, like GPT-NeoX's and Llama-3's tokenizers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -80,7 +128,7 @@ def build_tokenizer(vocab_size: int = 512):
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 
@@ -123,8 +171,9 @@ def build_reward_model(tokenizer, seed: int = 1, hidden_size: int = 48, arch: st
 
     torch.manual_seed(seed)
     if arch == "llama":
-        return LlamaForSequenceClassification(llama_config(tokenizer, hidden_size))
-    model = GPTNeoXForSequenceClassification(gptneox_config(tokenizer, hidden_size))
+        model = LlamaForSequenceClassification(llama_config(tokenizer, hidden_size))
+    else:
+        model = GPTNeoXForSequenceClassification(gptneox_config(tokenizer, hidden_size))
     # A random score head of PyTorch's default init gives rewards of ~0.1 spread; scale it so the tiny runs
     # have a reward signal of order 1 to learn from.
     with torch.no_grad():
@@ -133,8 +182,15 @@ def build_reward_model(tokenizer, seed: int = 1, hidden_size: int = 48, arch: st
 
 
 def main() -> None:
-    write_jsonl(TLDR_TINY, synthetic_tldr_rows(64, seed=0))
-    print(f"wrote {TLDR_TINY}")
+    files = {
+        TLDR_TINY: synthetic_tldr_rows(64, seed=0),
+        TLDR_TINY_TEST: synthetic_tldr_rows(24, seed=7),
+        PREFERENCES_TINY: synthetic_preference_rows(256, seed=1),
+        ULTRAFEEDBACK_TINY: synthetic_ultrafeedback_rows(64, seed=2),
+    }
+    for path, rows in files.items():
+        write_jsonl(path, rows)
+        print(f"wrote {path} ({len(rows)} rows)")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ PRESETS = {
         policy_lr=1e-2, rm_lr=1e-3, d_attn=32, policy_minibatch_size=16, micro_batch_size=8, forward_batch_size=32,
         generation_batch_size=32, rm_minibatch_groups=4, save_every=4, sample_every=4, device="cpu",
         output_dir="runs/tiny_tldr", max_prompt_tokens=128,
+        brme_preference_file=tiny.PREFERENCES_TINY, brme_epochs=10, brme_lr=3e-2,
     ),
 }
 

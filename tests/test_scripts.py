@@ -24,7 +24,7 @@ def metrics(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("script", ["train_tldr.py"])
+@pytest.mark.parametrize("script", ["train_tldr.py", "train_ultrafeedback.py"])
 def test_tiny_preset_runs_and_resumes(tmp_path, script):
     out = str(tmp_path / "run")
     first = run(script, "--preset", "tiny", "--output_dir", out, "--total_trajectories", "96", "--save_every", "2")
@@ -73,3 +73,24 @@ def test_every_flag_has_help():
             assert len(f.metadata.get("help", "")) > 10, f"{cls.__name__}.{f.name} has no help text"
     proc = run("train_tldr.py", "--help")
     assert "--omega_floor" in proc.stdout and "floor of the" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["train_tldr.py", "train_ultrafeedback.py"])
+def test_brme_tiny_preset_saves_heads_and_resumes_without_refitting(tmp_path, script):
+    import torch
+
+    out = str(tmp_path / "brme")
+    first = run(script, "--preset", "tiny", "--reward", "brme", "--output_dir", out, "--total_trajectories", "64")
+    assert "BRME: 5 heads" in first.stdout + first.stderr
+    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+    assert state["reward_model"]["heads"]["weight"].shape[0] == 2 * 5 and state["reward_model"]["lam"] == 0.4
+    second = run(script, "--preset", "tiny", "--reward", "brme", "--output_dir", out,
+                 "--total_trajectories", "96", "--resume", "true")
+    assert "BRME: 5 heads" not in second.stdout + second.stderr  # heads come back from the checkpoint
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2]
+
+
+def test_brme_without_preference_file_is_a_clear_error(tmp_path):
+    proc = run("train_tldr.py", "--preset", "tiny", "--reward", "brme", "--brme_preference_file", "",
+               "--output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode != 0 and "needs --brme_preference_file" in proc.stderr.strip().splitlines()[-1]
