@@ -1219,6 +1219,16 @@ def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig):
     return policy, ref_policy, rm, tokenizer, rm_tokenizer
 
 
+def chat_render(rm_tokenizer) -> Callable[[str, str], str]:
+    """How a chat RM reads a trajectory: (raw prompt, response text) as a two-turn chat in its own template."""
+
+    def render(prompt: str, response: str) -> str:
+        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return rm_tokenizer.apply_chat_template(chat, tokenize=False)
+
+    return render
+
+
 def same_tokenizer(a, b) -> bool:
     """True when two tokenizers map text to the same ids (then the RM can reuse the policy's token ids)."""
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id

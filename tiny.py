@@ -181,7 +181,27 @@ def build_reward_model(tokenizer, seed: int = 1, hidden_size: int = 48, arch: st
     return model
 
 
+def save_models(directory: str, seed: int = 0) -> dict[str, str]:
+    """Write the tiny policy, reward model and a tiny judge LM as Hugging Face folders (with the tokenizer),
+    so tools that load by path (eval_judge.py) can be run offline end to end."""
+    tokenizer = build_tokenizer()
+    paths = {}
+    for name, model in [("policy", build_policy(tokenizer, seed=seed)),
+                        ("reward_model", build_reward_model(tokenizer, seed=seed + 1)),
+                        ("judge", build_policy(tokenizer, seed=seed + 2))]:
+        paths[name] = os.path.join(directory, name)
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
 def main() -> None:
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--save-models":
+        for name, path in save_models(sys.argv[2]).items():
+            print(f"wrote tiny {name} to {path}")
+        return
     files = {
         TLDR_TINY: synthetic_tldr_rows(64, seed=0),
         TLDR_TINY_TEST: synthetic_tldr_rows(24, seed=7),

@@ -56,16 +56,6 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already holds any BOS
 
 
-def chat_render(rm_tokenizer):
-    """How the RM reads a trajectory: (raw prompt, response text) as a two-turn chat in the RM's template."""
-
-    def render(prompt: str, response: str) -> str:
-        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return rm_tokenizer.apply_chat_template(chat, tokenize=False)
-
-    return render
-
-
 def main(argv=None) -> list[dict]:
     cfg, args = r2m.parse_flags(UltraFeedbackArgs, PRESETS, argv)
     rows = r2m.load_rows(args.dataset, args.dataset_split, [args.prompt_column, args.chosen_column])
@@ -87,7 +77,7 @@ def main(argv=None) -> list[dict]:
             prompts.append(ids)
     print(f"{len(prompts)} of {len(rows)} prompts kept (chosen reply <= {args.max_chosen_tokens} tokens, "
           f"prompt <= {args.max_prompt_tokens} tokens)")
-    return r2m.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts, render=chat_render(rm_tokenizer))
+    return r2m.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts, render=r2m.chat_render(rm_tokenizer))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def test_rm_reads_its_own_template_and_policy_states_cover_policy_tokens(tmp_pat
     cfg = r2m.R2MConfig(queries_per_step=2, group_size=2, total_trajectories=4, max_new_tokens=5, device="cpu",
                         forward_batch_size=4, generation_batch_size=4)
     rt = r2m.make_runtime(cfg)
-    view = r2m.make_rm_view(rm_tok, train_ultrafeedback.chat_render(rm_tok))
+    view = r2m.make_rm_view(rm_tok, r2m.chat_render(rm_tok))
     ro = r2m.rollout(policy, copy.deepcopy(policy), tok, prompts, prompts_text, cfg, rt, view, rm_tok.pad_token_id)
     for row in range(4):
         response = tok.decode(ro.query_responses[row, ro.prompt_len:][ro.response_mask[row].bool()], skip_special_tokens=True)
