@@ -121,7 +121,9 @@ class R2MConfig:
     # --- bookkeeping ---------------------------------------------------------------------------------
     seed: int = field(default=0, metadata={"help": "Seed for prompts order, sampling and init."})
     output_dir: str = field(default="runs/r2m", metadata={"help": "Where metrics.jsonl and checkpoint/ go."})
-    save_every: int = field(default=20, metadata={"help": "Write a checkpoint every N steps (and at the end)."})
+    save_every: int = field(
+        default=20, metadata={"help": "Write a checkpoint every N steps and at the end; 0 = never (benchmarks)."}
+    )
     sample_every: int = field(default=10, metadata={"help": "Print a few (prompt, response, reward) every N steps."})
     resume: bool = field(default=False, metadata={"help": "Continue from output_dir/checkpoint if it exists."})
 
@@ -369,9 +371,13 @@ class FrozenRewardBody(nn.Module):
         reward_model.requires_grad_(False)
         self.reward_model = reward_model
 
-    @torch.no_grad()
-    def reward_token_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, S), (B, S) -> (B, D_rm): H_last, the frozen body's last hidden state at the last real token."""
+    def reward_token_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """(B, S), (B, S) -> (B, D_rm): H_last, the body's last hidden state at the last real token.
+        Without gradients unless `grad` (only the whole-RM cost baseline trains the body)."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self._reward_token_embedding(input_ids, attention_mask)
+
+    def _reward_token_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         body = self.reward_model.base_model
         hidden = body(
             input_ids=input_ids,
@@ -402,18 +408,26 @@ class R2MRewardModel(FrozenRewardBody):
         self.score_head = nn.Linear(d_rm, 1, bias=reward_model.score.bias is not None).float()
         self.score_head.load_state_dict({k: v.float() for k, v in reward_model.score.state_dict().items()})
 
-    def trainable_parameters(self, feedback: bool = True) -> Iterator[nn.Parameter]:
-        """The cross-attention (unless feedback=False) and the score head. Nothing else."""
+    def trainable_parameters(self, feedback: bool = True, body: bool = False) -> Iterator[nn.Parameter]:
+        """The cross-attention (unless feedback=False) and the score head; the RM body only for the
+        whole-RM cost baseline (body=True)."""
         if feedback:
             yield from self.policy_feedback.parameters()
         yield from self.score_head.parameters()
+        if body:
+            yield from self.reward_model.base_model.parameters()
 
     def trainable_state_dict(self) -> dict:
-        return {"policy_feedback": self.policy_feedback.state_dict(), "score_head": self.score_head.state_dict()}
+        state = {"policy_feedback": self.policy_feedback.state_dict(), "score_head": self.score_head.state_dict()}
+        if any(p.requires_grad for p in self.reward_model.base_model.parameters()):
+            state["body"] = self.reward_model.base_model.state_dict()  # whole-RM baseline only
+        return state
 
     def load_trainable_state_dict(self, state: dict) -> None:
         self.policy_feedback.load_state_dict(state["policy_feedback"])
         self.score_head.load_state_dict(state["score_head"])
+        if "body" in state:
+            self.reward_model.base_model.load_state_dict(state["body"])
 
     def rewards_from_embedding(
         self,
@@ -558,6 +572,7 @@ class RewardMode:
     noise: bool  # replace h by Gaussian noise with h's mean and variance (ablation)
     train: bool  # run the GREBT reward-model step after every policy step (Eqs. 5-7)
     ensemble: bool = False  # BRME: reward-robust ensemble instead of R2M (SPEC §6)
+    train_body: bool = False  # also train the RM's whole LLM body (the costly alternative R2M avoids)
 
 
 # The R2M paper's baselines and ablations (SPEC §4) and BRME. w/o BT / w/o GRE are alpha = 1 / 0.
@@ -568,6 +583,9 @@ REWARD_MODES: dict[str, RewardMode] = {
     "r2m_noise": RewardMode(feedback=True, noise=True, train=True),
     "iterative_head": RewardMode(feedback=False, noise=False, train=True),
     "brme": RewardMode(feedback=False, noise=False, train=False, ensemble=True),
+    # Not a method of the paper but its cost baseline: R2M with every RM parameter trainable, so the GREBT step
+    # must run the RM body with gradients instead of reusing the cached H_last.
+    "r2m_full_rm": RewardMode(feedback=True, noise=False, train=True, train_body=True),
 }
 
 
@@ -595,7 +613,8 @@ class Rollout:
     response_mask: torch.Tensor  # (N, R) 1 on response tokens up to and including EOS
     old_logprobs: torch.Tensor  # (N, R) log π_old of the sampled tokens (temperature-scaled)
     ref_logprobs: torch.Tensor  # (N, R) log π_ref of the same tokens
-    hidden: torch.Tensor  # (N, P + R - 1, D_p) policy last-layer states, on `hidden_device`
+    hidden: Optional[torch.Tensor]  # (N, P + R - 1, D_p) policy last-layer states on `hidden_device`; None
+    # when the reward mode uses no policy feedback
     hidden_mask: torch.Tensor  # (N, P + R - 1) bool, positions whose output predicts a real next token
     rm_input_ids: torch.Tensor  # (N, S_rm) the RM's view of prompt + response, right-padded
     rm_attention_mask: torch.Tensor  # (N, S_rm)
@@ -731,9 +750,11 @@ def rollout(
     rt: Runtime,
     rm_view: Optional[RMView],
     rm_pad_id: int,
+    capture_hidden: bool = True,
 ) -> Rollout:
     """1. Trajectory sampling: K responses per prompt from π_old = π_θ, with old and reference log-probs
-    and the policy's last-layer hidden states captured during the old-log-prob forward (no extra pass)."""
+    and the policy's last-layer hidden states captured during the old-log-prob forward (no extra pass).
+    capture_hidden=False (reward modes without policy feedback) skips capturing and storing them."""
     from transformers import GenerationConfig
 
     K, R = cfg.group_size, cfg.max_new_tokens
@@ -768,9 +789,10 @@ def rollout(
     for s in range(0, len(queries), cfg.forward_batch_size):
         qr = query_responses[s : s + cfg.forward_batch_size].to(rt.device)
         am = attention_mask[s : s + cfg.forward_batch_size].to(rt.device)
-        with rt.autocast(), HiddenStateCapture(policy) as cap:
+        with rt.autocast(), HiddenStateCapture(policy, enabled=capture_hidden) as cap:
             old.append(sequence_logprobs(policy, qr, am, P, cfg.temperature).cpu())
-        hidden.append(_to_host(cap.hidden[:, :-1], rt))  # (b, P+R-1, D_p): the last position predicts nothing
+        if capture_hidden:
+            hidden.append(_to_host(cap.hidden[:, :-1], rt))  # (b, P+R-1, D_p): the last position predicts nothing
         with rt.autocast():
             ref.append(sequence_logprobs(ref_policy, qr, am, P, cfg.temperature).cpu())
 
@@ -789,7 +811,7 @@ def rollout(
         response_mask=response_mask,
         old_logprobs=torch.cat(old),
         ref_logprobs=torch.cat(ref),
-        hidden=torch.cat(hidden),
+        hidden=torch.cat(hidden) if capture_hidden else None,
         hidden_mask=hidden_state_mask(attention_mask),
         rm_input_ids=rm_ids,
         rm_attention_mask=rm_mask,
@@ -842,14 +864,14 @@ def policy_update(
 
     In the LAST epoch the forward that computes π_θ's log-probs also captures fresh hidden states
     (same hook, no extra pass); they replace `ro.hidden` and are what the reward-model step uses.
-    advantages: (N,)."""
+    advantages: (N,). Nothing is captured when `ro.hidden` is None (no policy feedback)."""
     policy.train()  # only for gradient checkpointing: dropout was switched off at start-up
     N, P = ro.query_responses.shape[0], ro.prompt_len
     accumulation = cfg.policy_minibatch_size // cfg.micro_batch_size
     stats: dict[str, float] = {}
     n_updates = 0
     for epoch in range(cfg.policy_epochs):
-        last_epoch = epoch == cfg.policy_epochs - 1
+        refresh = epoch == cfg.policy_epochs - 1 and ro.hidden is not None
         order = torch.randperm(N)
         for mb_start in range(0, N, cfg.policy_minibatch_size):
             mb = order[mb_start : mb_start + cfg.policy_minibatch_size]
@@ -857,7 +879,7 @@ def policy_update(
             for micro in mb.split(cfg.micro_batch_size):
                 qr = ro.query_responses[micro].to(rt.device)
                 am = ro.attention_mask[micro].to(rt.device)
-                with rt.autocast(), HiddenStateCapture(policy, enabled=last_epoch) as cap:
+                with rt.autocast(), HiddenStateCapture(policy, enabled=refresh) as cap:
                     logprobs = sequence_logprobs(policy, qr, am, P, cfg.temperature)  # (b, R)
                 loss, s = policy_loss(
                     logprobs,
@@ -869,7 +891,7 @@ def policy_update(
                     cfg.beta,
                 )
                 (loss / accumulation).backward()  # every micro-batch has the same size: exact mean
-                if last_epoch:
+                if refresh:
                     ro.hidden[micro] = cap.hidden[:, :-1].to(ro.hidden.device, ro.hidden.dtype)
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v
@@ -898,9 +920,13 @@ def reward_model_update(
         idx = (groups[:, None] * K + torch.arange(K)[None, :]).reshape(-1)  # (g*K,) rows of these groups
         h, h_mask = _feedback_states(ro, idx, mode, rt)
         with rt.autocast():
-            new = reward_model.rewards_from_embedding(
-                ro.reward_token_embedding[idx.to(ro.reward_token_embedding.device)], h, h_mask, omega_t
-            ).float().view(len(groups), K)  # (g, K)
+            if mode.train_body:  # whole-RM baseline: H_last changes with the body, recompute it with gradients
+                rte = reward_model.reward_token_embedding(
+                    ro.rm_input_ids[idx].to(rt.device), ro.rm_attention_mask[idx].to(rt.device), grad=True
+                )
+            else:  # R2M: the body is frozen, so the H_last cached at annotation is exact
+                rte = ro.reward_token_embedding[idx.to(ro.reward_token_embedding.device)]
+            new = reward_model.rewards_from_embedding(rte, h, h_mask, omega_t).float().view(len(groups), K)  # (g, K)
         labels = annotated[groups].to(new.device)  # (g, K)
         loss = grebt_loss(new, labels, cfg.alpha)
         optimizer.zero_grad(set_to_none=True)
@@ -1055,8 +1081,10 @@ def train(
     # --- optimisers: AdamW, no weight decay, linear decay to 0 over T steps (stepped once per RL step) ----
     decay = lambda s: max(0.0, 1.0 - s / T)  # noqa: E731
     optimizers = {"policy": torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=0.0)}
+    if mode.train_body:
+        reward_model.reward_model.base_model.requires_grad_(True)
     if mode.train:
-        rm_params = list(reward_model.trainable_parameters(feedback=mode.feedback))
+        rm_params = list(reward_model.trainable_parameters(feedback=mode.feedback, body=mode.train_body))
         optimizers["reward_model"] = torch.optim.AdamW(rm_params, lr=cfg.rm_lr, weight_decay=0.0)
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, decay) for k, o in optimizers.items()}
 
@@ -1081,7 +1109,7 @@ def train(
         batch_texts = [prompt_texts[i] for i in chosen] if prompt_texts is not None else None
 
         # 1. trajectory sampling (+ old/ref log-probs, + hidden states via the hook)
-        ro = rollout(policy, ref_policy, tokenizer, batch, batch_texts, cfg, rt, rm_view, rm_pad_id)
+        ro = rollout(policy, ref_policy, tokenizer, batch, batch_texts, cfg, rt, rm_view, rm_pad_id, mode.feedback)
         t1 = time.perf_counter()
         # 2. reward annotation
         rm_rewards = annotate_rewards(reward_model, ro, omega_t, mode, cfg, rt)  # (N,)
@@ -1144,7 +1172,7 @@ def train(
                     ro.query_responses[row, ro.prompt_len :][ro.response_mask[row].bool()], skip_special_tokens=True
                 )
                 tqdm.write(f"  [sample] ...{prompt[-120:]!r} -> {response!r}  reward {rewards[row].item():+.3f}")
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step == T - 1:
+        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == T - 1):
             save_checkpoint(cfg.output_dir, step, policy, tokenizer, reward_model, optimizers, schedulers, cfg)
     return history
 

@@ -209,7 +209,7 @@ def r2m_checkpoint(tmp_path_factory):
     prompts = [tok(r["prompt"], add_special_tokens=False)["input_ids"][-40:] for r in tiny.synthetic_tldr_rows(8)]
     cfg = r2m.R2MConfig(queries_per_step=4, group_size=2, total_trajectories=16, max_new_tokens=4, d_attn=16,
                         policy_minibatch_size=8, micro_batch_size=4, rm_lr=1e-2, device="cpu",
-                        output_dir=str(root / "run"), save_every=0, sample_every=0)
+                        output_dir=str(root / "run"), save_every=1, sample_every=0)
     import copy
 
     r2m.train(policy, copy.deepcopy(policy), r2m.R2MRewardModel(rm, 64, 16), tok, prompts, cfg)

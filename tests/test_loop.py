@@ -150,3 +150,15 @@ def test_grebt_step_lowers_its_loss_on_a_fixed_batch(tmp_path, models):
     losses = [r2m.reward_model_update(reward_model, optimizer, ro, annotated, 0.6, r2m.REWARD_MODES["r2m"], cfg, rt)["rm/grebt"]
               for _ in range(30)]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_whole_rm_baseline_trains_the_body_and_r2m_does_not(tmp_path, tokenizer, models, prompts):
+    policy, ref_policy, rm = models
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    body = snapshot(rm.base_model)
+    counts = {"rm": 0}
+    rm.base_model.register_forward_hook(lambda *a: counts.__setitem__("rm", counts["rm"] + 1))
+    cfg = tiny_cfg(tmp_path, reward="r2m_full_rm", total_trajectories=32, forward_batch_size=16, rm_minibatch_groups=4)
+    r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
+    assert changed(body, rm.base_model)  # the whole RM moved ...
+    assert counts["rm"] == 32 // 16 + 8 // 4  # ... at the price of RM forwards in the GREBT step too
