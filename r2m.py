@@ -1056,13 +1056,16 @@ def train(
     prompt_texts: Optional[list[str]] = None,
     rm_view: Optional[RMView] = None,
     rm_pad_id: int = 0,
+    on_step: Optional[Callable[[int, Rollout, torch.Tensor], dict]] = None,
 ) -> list[dict]:
     """Run Algorithm 1 for cfg.total_steps steps; returns the per-step metrics (also in metrics.jsonl).
 
     policy / ref_policy: Hugging Face causal LMs (the same weights at start); reward_model: an
     `R2MRewardModel` (or `BRMEReward`); tokenizer: the policy's; prompts: tokenised prompts;
     prompt_texts: the raw prompts (what the RM reads); rm_view: None when the RM shares the policy's
-    tokenizer (it then reads the policy's token ids), else `make_rm_view(rm_tokenizer, ...)`."""
+    tokenizer (it then reads the policy's token ids), else `make_rm_view(rm_tokenizer, ...)`.
+    on_step(step, rollout, rewards (N,)) -> dict: extra metrics for the step's record (e.g. a gold reward in
+    a controlled experiment); called after the step's updates."""
     cfg.validate()
     if not prompts:
         raise ValueError("no prompts to train on")
@@ -1155,6 +1158,8 @@ def train(
             "time/reward_model": t4 - t3,
             "time/step": t4 - t0,
         }
+        if on_step is not None:
+            record.update(on_step(step, ro, rewards))
         history.append(record)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
