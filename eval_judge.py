@@ -152,8 +152,8 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
 
 
 def summarise(records: list[dict]) -> dict:
-    """Win rate over the decided examples (win, loss, tie; ties count half, as AlpacaEval does);
-    unparseable and failed ones are counted apart and left out of the rate."""
+    """Win rate over the decided examples (win, loss, tie). Choice: ties count half, as AlpacaEval does;
+    unparseable and failed ones are counted apart and left out of the rate, never scored."""
     counts = {k: sum(r["verdict"] == k for r in records) for k in ("win", "loss", "tie", "unparseable", "failed")}
     judged = counts["win"] + counts["loss"] + counts["tie"]
     score = counts["win"] + 0.5 * counts["tie"]

@@ -20,6 +20,8 @@ This file reads in the order of the paper's Algorithm 1:
                                    2 `annotate_rewards`  3 advantages  4 `policy_update`
                                    5 `reward_model_update` (GREBT)
     §5 the loop                    `train` (tqdm, JSON-lines metrics, checkpoints, resume)
+    §6 script helpers              flags with presets, data / model loading with one-line errors,
+                                   `build_reward` (the one place a reward mode picks its model), `run`
 
 Departures from the textbook algorithm, each a "Choice:" written again where it is made:
 - The RM body is frozen, so a sample's reward-token embedding H_last does not change within a step. We
@@ -82,6 +84,8 @@ class R2MConfig:
     # --- policy optimisation (Eq. 2) ----------------------------------------------------------------
     policy_lr: float = field(default=3e-6, metadata={"help": "Policy AdamW learning rate (linear decay to 0)."})
     policy_epochs: int = field(default=2, metadata={"help": "k: passes over a step's trajectories."})
+    # Choice (the paper is silent): 512 trajectories per optimiser step, i.e. 16 steps per epoch at n*K = 8192;
+    # temperature 0.7, k = 2, ε = 0.2 and β = 0.05 likewise (SPEC §5).
     policy_minibatch_size: int = field(
         default=512, metadata={"help": "Trajectories per policy optimiser step (must divide n*K)."}
     )
@@ -704,7 +708,7 @@ def make_runtime(cfg: R2MConfig) -> Runtime:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     on_gpu = device.type == "cuda"
-    # Where hidden states live: a TL;DR step holds 8192 sequences x ~560 positions x 2560 features, ~24 GB in
+    # Choice: where hidden states live. A TL;DR step holds 8192 sequences x ~560 positions x 2560 features, ~24 GB in
     # bf16, which does not fit next to three 2.8B models and the policy's optimiser. They stay in host memory
     # (pinned, so copies to the GPU are asynchronous) and move to the GPU one micro-batch at a time.
     return Runtime(
@@ -853,7 +857,9 @@ def annotate_rewards(reward_model, ro: Rollout, omega_t: float, mode: RewardMode
 
 
 def compute_advantages(rewards: torch.Tensor, algo: str) -> torch.Tensor:
-    """3. Advantages inside each group: (n, K) -> (n, K)."""
+    """3. Advantages inside each group: (n, K) -> (n, K).
+    Choice: this is the only place RLOO and GRPO differ; both then use the same clipped surrogate with the
+    in-loss k3 KL (Eq. 2), as the R2M paper writes Eq. 2 for both."""
     return rloo_advantages(rewards) if algo == "rloo" else grpo_advantages(rewards)
 
 
@@ -948,7 +954,7 @@ def reward_model_update(
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratio π_θ/π_old must be exactly 1 before the first update, so no model may drop units."""
+    """Choice: dropout off in every model. PPO's ratio π_θ/π_old must be exactly 1 before the first update."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -975,7 +981,7 @@ def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Mo
 
 
 def step_prompt_indices(num_prompts: int, n: int, step: int, seed: int) -> list[int]:
-    """Which prompts step `step` uses: walk seeded permutations of the data set, one per pass, n at a time.
+    """Choice: step `step` takes the next n prompts of seeded permutations of the data set, one per pass.
     Deterministic in (seed, step), so a resumed run sees the prompts it would have seen."""
     out: list[int] = []
     while len(out) < n:
@@ -1021,10 +1027,16 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
     return final
 
 
-def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, schedulers: dict) -> int:
+def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> int:
     """Restore what save_checkpoint wrote; returns the next step to run."""
     path = os.path.join(output_dir, CHECKPOINT_DIR)
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    for key in ("reward", "algo", "seed"):
+        if state["config"][key] != getattr(cfg, key):
+            raise SystemExit(
+                f"error: {path} was written with --{key} {state['config'][key]}, not {getattr(cfg, key)}; "
+                "resume with the same settings or use another --output_dir"
+            )
     saved = type(policy).from_pretrained(os.path.join(path, "policy"), dtype=torch.float32)
     policy.load_state_dict(saved.state_dict())
     del saved
@@ -1081,11 +1093,12 @@ def train(
     rt = make_runtime(cfg)
     prepare_models(policy, ref_policy, reward_model, cfg, rt)
 
-    # --- optimisers: AdamW, no weight decay, linear decay to 0 over T steps (stepped once per RL step) ----
+    # --- optimisers. Choice: AdamW without weight decay, learning rate decaying linearly to 0 over T, stepped
+    # once per RL step; gradient-norm clip --max_grad_norm (1.0) for the policy and the RM head alike ------
     decay = lambda s: max(0.0, 1.0 - s / T)  # noqa: E731
     optimizers = {"policy": torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=0.0)}
-    if mode.train_body:
-        reward_model.reward_model.base_model.requires_grad_(True)
+    if mode.train_body:  # Choice: the cost baseline trains the body in its stored dtype (bf16 on GPU): a lower
+        reward_model.reward_model.base_model.requires_grad_(True)  # bound on what updating the whole RM costs
     if mode.train:
         rm_params = list(reward_model.trainable_parameters(feedback=mode.feedback, body=mode.train_body))
         optimizers["reward_model"] = torch.optim.AdamW(rm_params, lr=cfg.rm_lr, weight_decay=0.0)
@@ -1094,7 +1107,7 @@ def train(
     os.makedirs(cfg.output_dir, exist_ok=True)
     start = 0
     if cfg.resume and os.path.exists(os.path.join(cfg.output_dir, CHECKPOINT_DIR, "state.pt")):
-        start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers)
+        start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers, cfg)
         tqdm.write(f"resumed from {cfg.output_dir}/{CHECKPOINT_DIR} at step {start}/{T}")
     elif cfg.resume:
         tqdm.write(f"--resume: no checkpoint in {cfg.output_dir}, starting from step 0")

@@ -72,6 +72,7 @@ def main(argv=None) -> list[dict]:
     for row in rows:
         chosen = tokenizer(r2m.response_text(row[args.chosen_column]), add_special_tokens=False)["input_ids"]
         ids = chat_prompt_ids(tokenizer, str(row[args.prompt_column]))
+        # SPEC §5 drops rows whose chosen reply is long; Choice: also those whose templated prompt is long
         if len(chosen) <= args.max_chosen_tokens and len(ids) <= args.max_prompt_tokens:
             texts.append(str(row[args.prompt_column]))
             prompts.append(ids)

@@ -13,7 +13,7 @@ Gao et al. 2023 and Coste et al. 2024), with the real r2m.py loop.
    several seeds each. Per step: proxy reward (the frozen proxy's own score), gold reward, KL to the
    reference. At the end: gold reward, and the (final) reward model's accuracy on held-out gold-labelled pairs.
 
-    python experiments/overoptimization.py                          # all methods x 3 seeds (~15 min, 2 cores)
+    python experiments/overoptimization.py                          # all methods x 3 seeds (~10 min, 2 cores)
     python experiments/overoptimization.py --quick --output_dir /tmp/q   # pipeline check (~2 min)
 
 Writes steps.csv (every step of every run), summary.csv / summary.json (the table), and overoptimization.png

@@ -39,6 +39,9 @@ def test_tiny_preset_runs_and_resumes(tmp_path, script):
     steps = [m["step"] for m in metrics(out)]
     assert steps == [0, 1, 2, 3, 4]
     assert all(m["omega"] >= 0.6 for m in metrics(out))
+    # resuming under other settings is refused with one clear line
+    third = run(script, "--preset", "tiny", "--output_dir", out, "--resume", "true", "--reward", "vanilla", check=False)
+    assert third.returncode != 0 and "written with --reward r2m" in third.stderr.strip().splitlines()[-1]
 
 
 def test_bad_inputs_get_one_clear_line(tmp_path):
