@@ -114,7 +114,9 @@ class R2MConfig:
         default=0.01, metadata={"help": "BRME: weight γ of the γ·(log σ)² prior that pulls each head's σ toward 1."}
     )
     # --- memory / speed ------------------------------------------------------------------------------
-    generation_batch_size: int = field(default=256, metadata={"help": "Sequences generated at once."})
+    # Choice: 64. Pythia-2.8B's KV cache holds 32 layers x 2 x 2560 x 2 bytes = 328 KB per token; 64 x 562 tokens
+    # is ~12 GB beside ~56 GB of weights and optimiser state on an 80 GB GPU (256 would need ~47 GB).
+    generation_batch_size: int = field(default=64, metadata={"help": "Sequences generated at once."})
     forward_batch_size: int = field(
         default=32, metadata={"help": "Sequences per no-grad forward (old/ref log-probs, RM scoring)."}
     )

@@ -39,13 +39,13 @@ PRESETS = {
                  d_attn=32, device="cpu", repeats=3, measured_steps=3),
     # SPEC §5 TL;DR defaults: 2048 prompts x 4, <= 50 new tokens, prompts <= 512 tokens (worst case: all 512).
     "pythia-2.8b-random": dict(queries_per_step=2048, group_size=4, max_new_tokens=50, prompt_tokens=512,
-                               generation_batch_size=512, forward_batch_size=64, micro_batch_size=16,
+                               generation_batch_size=64, forward_batch_size=64, micro_batch_size=16,
                                policy_minibatch_size=512, rm_minibatch_groups=32, d_attn=2048, device="cuda",
                                repeats=1, measured_steps=1),
 }
 
 
-def build(model: str, seed: int):
+def build(model: str, seed: int, device: str = "cuda", layers: int | None = None):
     """policy, ref_policy, rm, tokenizer stand-in, prompts (token ids), parameter counts."""
     import copy
     import random
@@ -63,9 +63,10 @@ def build(model: str, seed: int):
     else:
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
 
-        config = GPTNeoXConfig(**PYTHIA_2_8B, pad_token_id=0, eos_token_id=0, bos_token_id=0, num_labels=1)
+        arch = {**PYTHIA_2_8B, **({"num_hidden_layers": layers} if layers else {})}
+        config = GPTNeoXConfig(**arch, pad_token_id=0, eos_token_id=0, bos_token_id=0, num_labels=1)
         torch.manual_seed(seed)
-        with torch.device("cuda"):  # build on the GPU directly: 2.8B random weights on CPU take minutes
+        with torch.device(device):  # build on the GPU directly: 2.8B random weights on CPU take minutes
             policy = GPTNeoXForCausalLM(config)
             rm = GPTNeoXForSequenceClassification(config).to(torch.bfloat16)
         vocab, eos = config.vocab_size, 0
@@ -90,7 +91,7 @@ def measure(model: str, variant: str, settings: dict, seed: int, queue) -> None:
 
     if settings["device"] == "cpu":
         torch.set_num_threads(settings.get("threads") or os.cpu_count())
-    policy, ref_policy, rm, tokenizer, vocab, eos, rng = build(model, seed)
+    policy, ref_policy, rm, tokenizer, vocab, eos, rng = build(model, seed, settings["device"], settings.get("layers"))
     prompts = [[rng.randrange(1, vocab) for _ in range(settings["prompt_tokens"])] for _ in range(settings["queries_per_step"])]
     n_traj = settings["queries_per_step"] * settings["group_size"]
     keys = set(r2m.R2MConfig.__dataclass_fields__)
@@ -168,6 +169,8 @@ def main() -> None:
     parser.add_argument("--measured_steps", type=int, default=None, help="Steps measured per process, after one warm-up step.")
     parser.add_argument("--variants", default="vanilla,r2m,whole RM", help="Comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per measurement (default: all).")
+    parser.add_argument("--device", default=None, help="Override the preset's device ('cuda' or 'cpu').")
+    parser.add_argument("--layers", type=int, default=None, help="Override the Pythia depth (a CPU smoke test of the GPU path).")
     parser.add_argument("--output_dir", default="runs/bench", help="Scratch folder for the runs' metrics.")
     for name in ["queries_per_step", "group_size", "max_new_tokens", "prompt_tokens", "generation_batch_size",
                  "forward_batch_size", "micro_batch_size", "policy_minibatch_size"]:
@@ -176,7 +179,7 @@ def main() -> None:
     model = args.preset or args.model
     settings = dict(PRESETS[model])
     for k, v in vars(args).items():
-        if v is not None and (k in settings or k in ("threads", "output_dir")):
+        if v is not None and (k in settings or k in ("threads", "output_dir", "layers")):
             settings[k] = v
     variants = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
