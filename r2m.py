@@ -1114,8 +1114,13 @@ def train(
     elif cfg.resume:
         tqdm.write(f"--resume: no checkpoint in {cfg.output_dir}, starting from step 0")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if start == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run does not append to an old run's curve
+    if os.path.exists(metrics_path):
+        # A fresh run starts a new curve; a resumed one keeps the steps its checkpoint covers and drops any
+        # written after it (a crash between checkpoints), since those steps are run again.
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] < start]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
 
     history: list[dict] = []
     bar = tqdm(range(start, T), initial=start, total=T, desc=f"{cfg.algo}+{cfg.reward}", dynamic_ncols=True)

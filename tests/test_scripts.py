@@ -33,7 +33,14 @@ def test_tiny_preset_runs_and_resumes(tmp_path, script):
     assert os.path.exists(os.path.join(ckpt, "state.pt"))
     assert os.path.exists(os.path.join(ckpt, "policy", "config.json"))
     assert "step    2" in first.stderr + first.stdout
-    # resume with a longer budget: continues at step 3, keeps the earlier curve
+    # a crash after step 2's metrics but before its checkpoint: fake it by rolling the checkpoint back to step 1
+    import torch
+
+    state_path = os.path.join(ckpt, "state.pt")
+    state = torch.load(state_path, weights_only=False)
+    state["step"] = 1
+    torch.save(state, state_path)
+    # resume with a longer budget: continues at step 2, keeps the earlier curve without duplicating step 2
     second = run(script, "--preset", "tiny", "--output_dir", out, "--total_trajectories", "160", "--resume", "true")
     assert "resumed" in second.stderr + second.stdout
     steps = [m["step"] for m in metrics(out)]
