@@ -283,10 +283,7 @@ class RewardScorer:
         seqs = [p + self.policy_tokenizer(r, add_special_tokens=False)["input_ids"] + [eos]
                 for p, r in zip(policy_prompts, responses)]
         ids, mask = r2m.pad_left(seqs, r2m.pad_token_id(self.policy_tokenizer))
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        with r2m.HiddenStateCapture(self.policy) as cap:
-            self.policy(input_ids=ids, attention_mask=mask, position_ids=r2m.position_ids_from_mask(mask))
-        return cap.hidden[:, :-1], r2m.hidden_state_mask(mask)
+        return r2m.policy_hidden_states(self.policy, ids.to(self.device), mask.to(self.device))
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], policy_prompts: Optional[list[list[int]]] = None) -> torch.Tensor:
@@ -479,13 +476,9 @@ def load_eval_rows(args: EvalArgs) -> list[dict]:
             for i, row in enumerate(data)]
 
 
-def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def run_judge(args: EvalArgs) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
-    device = pick_device(args.device)
+    device = r2m.resolve_device(args.device)
     template = TLDR_JUDGE_PROMPT if args.task == "tldr" else DIALOGUE_JUDGE_PROMPT
     references = read_references(args.references) if args.references else None
     # 1. responses: generated now, or read — and checked, before any judge is built or called
@@ -536,7 +529,7 @@ def run_rm_accuracy(args: EvalArgs) -> dict:
     if not args.preference_file:
         raise SystemExit("error: --mode rm_accuracy needs --preference_file (prompt, chosen, rejected)")
     rows = r2m.load_rows(args.preference_file, "train", ["prompt", "chosen", "rejected"])[: args.limit]
-    device = pick_device(args.device)
+    device = r2m.resolve_device(args.device)
     scorer = RewardScorer(args, device)
     pp = policy_prompt_fn(args.task, scorer.policy_tokenizer, args.max_prompt_tokens) if scorer.policy is not None else None
     correct = {"vanilla": 0, "r2m": 0}

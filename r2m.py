@@ -691,6 +691,16 @@ def hidden_state_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
 
 
+@torch.no_grad()
+def policy_hidden_states(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """(B, S), (B, S) -> h (B, S-1, D_p), h_mask (B, S-1): the policy's feedback for sequences it did not
+    just sample (evaluation, analysis). The training loop needs no such pass: it captures h during the
+    log-prob forwards it makes anyway."""
+    with HiddenStateCapture(policy) as cap:
+        policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+    return cap.hidden[:, :-1], hidden_state_mask(attention_mask)
+
+
 @dataclass
 class Runtime:
     """Where things run. Built once in `train` from the config."""
@@ -706,9 +716,15 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; any other name as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def make_runtime(cfg: R2MConfig) -> Runtime:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     on_gpu = device.type == "cuda"
     # Choice: where hidden states live. A TL;DR step holds 8192 sequences x ~560 positions x 2560 features, ~24 GB in
     # bf16, which does not fit next to three 2.8B models and the policy's optimiser. They stay in host memory
@@ -997,6 +1013,10 @@ def step_prompt_indices(num_prompts: int, n: int, step: int, seed: int) -> list[
 CHECKPOINT_DIR = "checkpoint"
 
 
+def has_checkpoint(output_dir: str) -> bool:
+    return os.path.exists(os.path.join(output_dir, CHECKPOINT_DIR, "state.pt"))
+
+
 def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> str:
     """Write output_dir/checkpoint atomically: a crash while saving leaves the previous checkpoint intact.
     policy/ is a Hugging Face folder (eval_judge.py and from_pretrained read it); state.pt holds the rest."""
@@ -1108,7 +1128,7 @@ def train(
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     start = 0
-    if cfg.resume and os.path.exists(os.path.join(cfg.output_dir, CHECKPOINT_DIR, "state.pt")):
+    if cfg.resume and has_checkpoint(cfg.output_dir):
         start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers, cfg)
         tqdm.write(f"resumed from {cfg.output_dir}/{CHECKPOINT_DIR} at step {start}/{T}")
     elif cfg.resume:
@@ -1253,7 +1273,7 @@ def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig):
     RM (bf16 on GPU), and both tokenizers. Any failure becomes one clear line."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    frozen = torch.bfloat16 if (cfg.bf16 and make_runtime(cfg).device.type == "cuda") else torch.float32
+    frozen = torch.bfloat16 if (cfg.bf16 and resolve_device(cfg.device).type == "cuda") else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(policy_name)
         rm_tokenizer = AutoTokenizer.from_pretrained(reward_model_name)
@@ -1322,7 +1342,7 @@ def build_reward(cfg: R2MConfig, rm: nn.Module, policy: nn.Module, rm_view: RMVi
     """The one place where the reward mode picks the reward model's class (and BRME fits its heads)."""
     if REWARD_MODES[cfg.reward].ensemble:
         brme = BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
-        if cfg.resume and os.path.exists(os.path.join(cfg.output_dir, CHECKPOINT_DIR, "state.pt")):
+        if cfg.resume and has_checkpoint(cfg.output_dir):
             return brme  # the fitted heads come back with the checkpoint
         if not cfg.brme_preference_file:
             raise SystemExit("error: --reward brme needs --brme_preference_file (JSON lines: prompt, chosen, rejected)")

@@ -12,6 +12,7 @@ tokenizer and hidden size: R2M's cross-attention is what bridges them. All train
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import r2m
@@ -64,7 +65,7 @@ def main(argv=None) -> list[dict]:
         tokenizer = tiny.build_tokenizer()
         rm_tokenizer = tiny.build_tokenizer(vocab_size=400, chat_template=tiny.RM_CHAT_TEMPLATE)
         policy = tiny.build_policy(tokenizer, seed=cfg.seed, hidden_size=64, arch="llama")
-        ref_policy = tiny.build_policy(tokenizer, seed=cfg.seed, hidden_size=64, arch="llama")
+        ref_policy = copy.deepcopy(policy)
         rm = tiny.build_reward_model(rm_tokenizer, seed=cfg.seed + 1, hidden_size=48, arch="llama")
     else:
         policy, ref_policy, rm, tokenizer, rm_tokenizer = r2m.load_pretrained(args.policy_model, args.reward_model, cfg)

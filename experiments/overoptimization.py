@@ -235,9 +235,7 @@ def rm_accuracy(reward_model, policy, mode: r2m.RewardMode, pairs: list[dict], o
         rte = reward_model.reward_token_embedding(ids, mask)
         h = h_mask = None
         if mode.feedback:
-            with r2m.HiddenStateCapture(policy) as cap:
-                policy(input_ids=ids, attention_mask=mask, position_ids=r2m.position_ids_from_mask(mask))
-            h, h_mask = cap.hidden[:, :-1], r2m.hidden_state_mask(mask)
+            h, h_mask = r2m.policy_hidden_states(policy, ids, mask)
             if mode.noise:
                 h = r2m.gaussian_like(h, h_mask)
         scores[side] = reward_model.rewards_from_embedding(rte, h, h_mask, omega)

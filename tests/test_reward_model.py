@@ -77,6 +77,14 @@ def test_hook_captures_last_hidden_state_without_extra_forward(tokenizer):
         with torch.no_grad():
             policy(input_ids=ids)
         assert len(policy.get_output_embeddings()._forward_hooks) == 0
+        # the evaluation-time helper: the last hidden states of a forward numbered as generate() numbers
+        # left-padded rows, minus the last position, with the matching mask
+        with torch.no_grad():
+            numbered = policy(input_ids=ids, attention_mask=mask, position_ids=r2m.position_ids_from_mask(mask),
+                              output_hidden_states=True)
+        h, h_mask = r2m.policy_hidden_states(policy, ids, mask)
+        assert torch.equal(h, numbered.hidden_states[-1][:, :-1])
+        assert torch.equal(h_mask, r2m.hidden_state_mask(mask))
 
 
 def test_logprobs_are_those_of_the_sampling_distribution(tokenizer):
