@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 import r2m
+import runner
 
 # ----------------------------------------------------------------------------------------------------
 # Flags
@@ -257,7 +258,7 @@ class RewardScorer:
         self.device, self.args = device, args
         self.rm_tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
         rm = AutoModelForSequenceClassification.from_pretrained(args.judge_model, num_labels=1).to(device).eval()
-        render = r2m.chat_render(self.rm_tokenizer) if args.task == "ultrafeedback" else None
+        render = runner.chat_render(self.rm_tokenizer) if args.task == "ultrafeedback" else None
         self.rm_view = r2m.make_rm_view(self.rm_tokenizer, render)
         self.policy = None
         if args.r2m_checkpoint:
@@ -343,7 +344,7 @@ def read_references(path: str) -> dict[str, str]:
         raise SystemExit(f"error: reference file {path} is empty")
     if any(key not in r or value not in r for r in rows):
         raise SystemExit(f"error: every row of {path} needs '{key}' and '{value}'")
-    return {str(r[key]): r2m.response_text(r[value]) for r in rows}
+    return {str(r[key]): runner.response_text(r[value]) for r in rows}
 
 
 def check_responses(rows: list[dict], source: str) -> None:
@@ -470,9 +471,9 @@ def load_eval_rows(args: EvalArgs) -> list[dict]:
     dataset, split = args.dataset or d["dataset"], args.dataset_split or d["dataset_split"]
     ref_col = args.reference_column or d["reference_column"]
     columns = [args.prompt_column] + ([] if args.references else [ref_col])
-    data = r2m.load_rows(dataset, split, columns)[: args.limit]
+    data = runner.load_rows(dataset, split, columns)[: args.limit]
     return [{"id": str(i), "prompt": str(row[args.prompt_column]),
-             **({} if args.references else {"reference": r2m.response_text(row[ref_col])})}
+             **({} if args.references else {"reference": runner.response_text(row[ref_col])})}
             for i, row in enumerate(data)]
 
 
@@ -528,7 +529,7 @@ def run_judge(args: EvalArgs) -> dict:
 def run_rm_accuracy(args: EvalArgs) -> dict:
     if not args.preference_file:
         raise SystemExit("error: --mode rm_accuracy needs --preference_file (prompt, chosen, rejected)")
-    rows = r2m.load_rows(args.preference_file, "train", ["prompt", "chosen", "rejected"])[: args.limit]
+    rows = runner.load_rows(args.preference_file, "train", ["prompt", "chosen", "rejected"])[: args.limit]
     device = r2m.resolve_device(args.device)
     scorer = RewardScorer(args, device)
     pp = policy_prompt_fn(args.task, scorer.policy_tokenizer, args.max_prompt_tokens) if scorer.policy is not None else None
@@ -536,8 +537,8 @@ def run_rm_accuracy(args: EvalArgs) -> dict:
     for s in tqdm(range(0, len(rows), args.batch_size), desc="rm accuracy"):
         batch = rows[s : s + args.batch_size]
         prompts = [str(r["prompt"]) for r in batch]
-        chosen = [r2m.response_text(r["chosen"]) for r in batch]
-        rejected = [r2m.response_text(r["rejected"]) for r in batch]
+        chosen = [runner.response_text(r["chosen"]) for r in batch]
+        rejected = [runner.response_text(r["rejected"]) for r in batch]
         correct["vanilla"] += int((scorer.score(prompts, chosen) > scorer.score(prompts, rejected)).sum())
         if pp is not None:
             pol = [pp(p) for p in prompts]

@@ -1,7 +1,8 @@
 """R2M: Real-Time Aligned Reward Model, in one readable module.
 
 Paper: "Real-Time Aligned Reward Model beyond Semantics", Huang et al., ICML 2026, arXiv:2601.22664.
-Baseline beside it: BRME, "Reward-Robust RLHF in LLMs", Yan et al., arXiv:2409.15360 (see `BRMEReward`).
+Baseline beside it: BRME, "Reward-Robust RLHF in LLMs", Yan et al., arXiv:2409.15360 (in `brme.py`, a reward
+mode of this same loop).
 
 What R2M does, in one breath: RLHF policies learn to exploit a frozen reward model. R2M keeps the reward
 model's (RM's) LLM body frozen but lets it *see the policy*: a small sequence-to-token cross-attention
@@ -15,13 +16,11 @@ This file reads in the order of the paper's Algorithm 1:
                                    Eq. 4 `omega`, Eq. 5 `bradley_terry_loss`, Eq. 6 `group_reward_entropy`,
                                    Eq. 7 `grebt_loss`
     §3 the reward model            `HiddenStateCapture`, Eq. 3 `PolicyFeedbackAttention`,
-                                   Eq. 3-4 `R2MRewardModel`, `BRMEReward`, the reward modes table
+                                   Eq. 3-4 `R2MRewardModel`, the reward modes table
     §4 one training step           1 `rollout` (sampling + old/ref log-probs + hidden states)
                                    2 `annotate_rewards`  3 advantages  4 `policy_update`
                                    5 `reward_model_update` (GREBT)
     §5 the loop                    `train` (tqdm, JSON-lines metrics, checkpoints, resume)
-    §6 script helpers              flags with presets, data / model loading with one-line errors,
-                                   `build_reward` (the one place a reward mode picks its model), `run`
 
 Departures from the textbook algorithm, each a "Choice:" written again where it is made:
 - The RM body is frozen, so a sample's reward-token embedding H_last does not change within a step. We
@@ -282,7 +281,7 @@ def grebt_loss(new_rewards: torch.Tensor, annotated_rewards: torch.Tensor, alpha
 
 
 # ----------------------------------------------------------------------------------------------------
-# §3 The reward model: hidden-state capture, cross-attention, R2M reward model, BRME, reward modes
+# §3 The reward model: hidden-state capture, cross-attention, R2M reward model, reward modes
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -451,122 +450,6 @@ class R2MRewardModel(FrozenRewardBody):
             # Eq. 4: H_fin = (1 - ω(t))·Ĥ + ω(t)·H_last
             final = (1 - omega) * feedback + omega * rte
         return self.score_head(final).squeeze(-1)  # (B,)
-
-
-def gaussian_bradley_terry_loss(
-    mu_w: torch.Tensor, sigma_w: torch.Tensor, mu_l: torch.Tensor, sigma_l: torch.Tensor
-) -> torch.Tensor:
-    """(B,) x 4 -> (). BRME's per-head preference likelihood, averaged over pairs.
-
-    Choice (our reconstruction, SPEC §6): with Gaussian rewards the probit-style closed form
-    P(w ≻ l) = σ((μ_w - μ_l) / sqrt(1 + (π/8)(σ_w² + σ_l²))); loss = -log P. A head can only lower the
-    loss on pairs it gets wrong by widening σ there, so σ grows where pairs are ambiguous."""
-    scale = torch.sqrt(1 + (math.pi / 8) * (sigma_w**2 + sigma_l**2))
-    return -F.logsigmoid((mu_w - mu_l) / scale).mean()
-
-
-def robust_reward(mu: torch.Tensor, sigma: torch.Tensor, lam: float) -> torch.Tensor:
-    """(B, E), (B, E) -> (B,). r_robust = (1 - λ)·r_nominal + λ·r_min (SPEC §6).
-
-    r_nominal: the mean of the head with the smallest σ for that sample; r_min: the smallest head mean."""
-    nominal = mu.gather(1, sigma.argmin(dim=1, keepdim=True)).squeeze(1)  # (B,)
-    worst = mu.min(dim=1).values  # (B,)
-    return (1 - lam) * nominal + lam * worst
-
-
-class BRMEReward(FrozenRewardBody):
-    """Bayesian Reward Model Ensemble: E Gaussian heads on the frozen RM's reward-token embedding.
-
-    Choice (our reconstruction, SPEC §6): head e = Linear(D_rm -> 2) giving (μ_e, log σ_e); the μ row starts
-    from the pretrained score head plus small noise (10% of its weights' std), log σ starts at 0 (σ = 1).
-    The heads are trained before RL by `fit_brme_heads`, then frozen; policy feedback is not used."""
-
-    def __init__(self, reward_model: nn.Module, num_heads: int = 5, lam: float = 0.4, seed: int = 0):
-        super().__init__(reward_model)
-        d_rm = reward_model.score.in_features
-        self.lam = lam
-        self.heads = nn.Linear(d_rm, 2 * num_heads).float()  # rows 2e, 2e+1: μ_e, log σ_e
-        g = torch.Generator().manual_seed(seed)
-        w = reward_model.score.weight.detach().float()[0]  # (D_rm,)
-        b = reward_model.score.bias.detach().float()[0] if reward_model.score.bias is not None else torch.tensor(0.0)
-        with torch.no_grad():
-            noise = 0.1 * w.std() * torch.randn(num_heads, d_rm, generator=g)
-            self.heads.weight.view(num_heads, 2, d_rm)[:, 0] = w + noise
-            self.heads.weight.view(num_heads, 2, d_rm)[:, 1] = 0.0
-            self.heads.bias.view(num_heads, 2)[:, 0] = b
-            self.heads.bias.view(num_heads, 2)[:, 1] = 0.0
-
-    @property
-    def num_heads(self) -> int:
-        return self.heads.out_features // 2
-
-    def head_distributions(self, rte: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D_rm) -> μ (B, E), σ (B, E)."""
-        out = self.heads(rte.to(self.heads.weight.dtype)).view(rte.shape[0], self.num_heads, 2)  # (B, E, 2)
-        return out[..., 0], out[..., 1].clamp(-6.0, 6.0).exp()  # log σ clamped: σ in [2.5e-3, 403]
-
-    def rewards_from_embedding(self, rte, h=None, h_mask=None, omega: float = 1.0) -> torch.Tensor:
-        """(B, D_rm) -> (B,) robust reward; h and ω are ignored (BRME has no policy feedback)."""
-        mu, sigma = self.head_distributions(rte)
-        return robust_reward(mu, sigma, self.lam)
-
-    def trainable_parameters(self, feedback: bool = True) -> Iterator[nn.Parameter]:
-        yield from self.heads.parameters()
-
-    def trainable_state_dict(self) -> dict:
-        return {"heads": self.heads.state_dict(), "lam": self.lam}
-
-    def load_trainable_state_dict(self, state: dict) -> None:
-        self.heads.load_state_dict(state["heads"])
-        self.lam = state["lam"]
-
-
-def fit_brme_heads(
-    brme: BRMEReward,
-    chosen_rte: torch.Tensor,
-    rejected_rte: torch.Tensor,
-    epochs: int = 2,
-    lr: float = 1e-4,
-    batch_size: int = 64,
-    seed: int = 0,
-    sigma_prior: float = 0.01,
-) -> list[float]:
-    """Train each BRME head on its own bootstrap resample of the preference pairs (Gaussian BT loss).
-
-    chosen_rte, rejected_rte: (M, D_rm) reward-token embeddings of the chosen / rejected responses, computed
-    once with the frozen body (`reward_token_embedding`), so training the heads needs no RM forward.
-    Returns each head's training accuracy (fraction of its resample with μ_chosen > μ_rejected)."""
-    M, E = chosen_rte.shape[0], brme.num_heads
-    if M == 0:
-        raise ValueError("BRME needs at least one preference pair")
-    g = torch.Generator().manual_seed(seed)
-    device = brme.heads.weight.device
-    chosen_rte, rejected_rte = chosen_rte.to(device).float(), rejected_rte.to(device).float()
-    # Choice: one bootstrap resample (M draws with replacement) per head, fixed for all epochs.
-    samples = torch.randint(0, M, (E, M), generator=g)  # (E, M)
-    optimizer = torch.optim.AdamW(brme.heads.parameters(), lr=lr, weight_decay=0.0)
-    for _ in range(epochs):
-        order = torch.randperm(M, generator=g)
-        for s in range(0, M, batch_size):
-            rows = samples[:, order[s : s + batch_size]]  # (E, b): each head its own pairs
-            mu_w, sig_w = brme.head_distributions(chosen_rte[rows.reshape(-1)])  # (E*b, E)
-            mu_l, sig_l = brme.head_distributions(rejected_rte[rows.reshape(-1)])
-            # keep head e's outputs on head e's pairs only: block-diagonal pick, (E, b)
-            pick = lambda x: x.view(E, -1, E).diagonal(dim1=0, dim2=2).T  # noqa: E731
-            loss = gaussian_bradley_terry_loss(pick(mu_w), pick(sig_w), pick(mu_l), pick(sig_l)) * E
-            # Choice: a weak prior γ·(log σ)² pulls σ toward 1. Where a head cannot order a pair (margin ~0)
-            # the likelihood above is flat in σ, so without a prior σ there is not identified and drifts
-            # down with the rest; with it, σ shrinks only where pairs are consistently separated.
-            log_sigmas = torch.cat([pick(sig_w), pick(sig_l)]).log()
-            loss = loss + sigma_prior * E * (log_sigmas**2).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        mu_w, _ = brme.head_distributions(chosen_rte)
-        mu_l, _ = brme.head_distributions(rejected_rte)
-        correct = (mu_w > mu_l).float()  # (M, E)
-        return [correct[samples[e], e].mean().item() for e in range(E)]
 
 
 @dataclass(frozen=True)
@@ -1095,7 +978,7 @@ def train(
     """Run Algorithm 1 for cfg.total_steps steps; returns the per-step metrics (also in metrics.jsonl).
 
     policy / ref_policy: Hugging Face causal LMs (the same weights at start); reward_model: an
-    `R2MRewardModel` (or `BRMEReward`); tokenizer: the policy's; prompts: tokenised prompts;
+    `R2MRewardModel` (or `brme.BRMEReward`); tokenizer: the policy's; prompts: tokenised prompts;
     prompt_texts: the raw prompts (what the RM reads); rm_view: None when the RM shares the policy's
     tokenizer (it then reads the policy's token ids), else `make_rm_view(rm_tokenizer, ...)`.
     on_step(step, rollout, rewards (N,)) -> dict: extra metrics for the step's record (e.g. a gold reward in
@@ -1106,8 +989,8 @@ def train(
     if rm_view is not None and (prompt_texts is None or len(prompt_texts) != len(prompts)):
         raise ValueError("an RM with its own tokenizer needs prompt_texts, one per prompt")
     mode = REWARD_MODES[cfg.reward]
-    if mode.ensemble != isinstance(reward_model, BRMEReward):
-        raise ValueError(f"--reward {cfg.reward} needs {'a BRMEReward' if mode.ensemble else 'an R2MRewardModel'}")
+    if mode.ensemble != getattr(reward_model, "is_ensemble", False):
+        raise ValueError(f"--reward {cfg.reward} needs {'a brme.BRMEReward' if mode.ensemble else 'an R2MRewardModel'}")
     T, K, n = cfg.total_steps, cfg.group_size, cfg.queries_per_step
 
     # --- seeding ------------------------------------------------------------------------------------
@@ -1220,148 +1103,3 @@ def train(
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == T - 1):
             save_checkpoint(cfg.output_dir, step, policy, tokenizer, reward_model, optimizers, schedulers, cfg)
     return history
-
-
-# ----------------------------------------------------------------------------------------------------
-# §6 What the training scripts share: flags with presets, data and model loading, clear errors
-# ----------------------------------------------------------------------------------------------------
-
-
-def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[str]] = None):
-    """Parse R2MConfig + a script's own dataclass with HfArgumentParser (help text = each field's `help`).
-    `--preset NAME` swaps in that preset's defaults; flags given explicitly still win."""
-    import argparse
-
-    from transformers import HfArgumentParser
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="paper")
-    chosen = pre.parse_known_args(argv)[0].preset
-    if chosen not in presets:
-        raise SystemExit(f"error: --preset must be one of {sorted(presets)}, got {chosen!r}")
-    parser = HfArgumentParser((R2MConfig, script_args_cls))
-    parser.set_defaults(**presets[chosen])
-    cfg, args = parser.parse_args_into_dataclasses(args=argv)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    return cfg, args
-
-
-def load_rows(dataset: str, split: str, columns: list[str]) -> list[dict]:
-    """Rows of a Hugging Face data set (hub name) or of a local .json/.jsonl file, checked for `columns`."""
-    from datasets import load_dataset
-
-    try:
-        if os.path.isfile(dataset) or dataset.endswith((".json", ".jsonl")):
-            data = load_dataset("json", data_files=dataset, split="train")
-        else:
-            data = load_dataset(dataset, split=split)
-    except Exception as e:  # noqa: BLE001 - the data set libraries raise many kinds; the user needs one line
-        raise SystemExit(f"error: could not load data set {dataset!r} (split {split!r}): {type(e).__name__}: {e}")
-    if len(data) == 0:
-        raise SystemExit(f"error: data set {dataset!r} has no rows")
-    missing = [c for c in columns if c not in data.column_names]
-    if missing:
-        raise SystemExit(f"error: data set {dataset!r} has no column(s) {missing}; its columns are {data.column_names}")
-    return [dict(row) for row in data]
-
-
-def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig):
-    """The real models from the hub or local folders: policy (float32 master weights), reference policy and
-    RM (bf16 on GPU), and both tokenizers. Any failure becomes one clear line."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    frozen = torch.bfloat16 if (cfg.bf16 and resolve_device(cfg.device).type == "cuda") else torch.float32
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(policy_name)
-        rm_tokenizer = AutoTokenizer.from_pretrained(reward_model_name)
-        policy = AutoModelForCausalLM.from_pretrained(policy_name, dtype=torch.float32)
-        ref_policy = AutoModelForCausalLM.from_pretrained(policy_name, dtype=frozen)
-        rm = AutoModelForSequenceClassification.from_pretrained(reward_model_name, dtype=frozen, num_labels=1)
-    except Exception as e:  # noqa: BLE001
-        raise SystemExit(
-            f"error: could not load policy {policy_name!r} / reward model {reward_model_name!r}: {type(e).__name__}: {e}"
-        )
-    for tok in (tokenizer, rm_tokenizer):
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token  # masks, not pad ids, decide what is real in this code
-    if rm.config.pad_token_id is None:
-        rm.config.pad_token_id = rm_tokenizer.pad_token_id
-    return policy, ref_policy, rm, tokenizer, rm_tokenizer
-
-
-def chat_render(rm_tokenizer) -> Callable[[str, str], str]:
-    """How a chat RM reads a trajectory: (raw prompt, response text) as a two-turn chat in its own template."""
-
-    def render(prompt: str, response: str) -> str:
-        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return rm_tokenizer.apply_chat_template(chat, tokenize=False)
-
-    return render
-
-
-def same_tokenizer(a, b) -> bool:
-    """True when two tokenizers map text to the same ids (then the RM can reuse the policy's token ids)."""
-    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
-
-
-def response_text(x) -> str:
-    """A response given as text, or as a chat (list of {role, content}) whose last message is the reply."""
-    return x[-1]["content"] if isinstance(x, list) else str(x)
-
-
-def fit_brme_from_file(brme: BRMEReward, path: str, rm_view: RMView, cfg: R2MConfig) -> list[float]:
-    """Train BRME's heads on a preference file: rows {prompt, chosen, rejected} (texts, or chats as in
-    UltraFeedback). The RM body runs once per response to get its reward-token embedding."""
-    rows = load_rows(path, "train", ["prompt", "chosen", "rejected"])
-    rt = make_runtime(cfg)
-    brme.to(rt.device)
-    brme.reward_model.to(rt.device, rt.autocast_dtype or torch.float32).eval()
-
-    def embed(column: str) -> torch.Tensor:  # -> (M, D_rm)
-        out = []
-        for s in range(0, len(rows), cfg.forward_batch_size):
-            ids = [rm_view(str(r["prompt"]), response_text(r[column])) for r in rows[s : s + cfg.forward_batch_size]]
-            ids, mask = pad_right(ids, 0)
-            with rt.autocast():
-                out.append(brme.reward_token_embedding(ids.to(rt.device), mask.to(rt.device)).float())
-        return torch.cat(out)
-
-    accuracies = fit_brme_heads(
-        brme, embed("chosen"), embed("rejected"), cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed,
-        sigma_prior=cfg.brme_sigma_prior,
-    )
-    tqdm.write(f"BRME: {brme.num_heads} heads on {len(rows)} pairs from {path}; train accuracy per head "
-               + ", ".join(f"{a:.3f}" for a in accuracies))
-    return accuracies
-
-
-def build_reward(cfg: R2MConfig, rm: nn.Module, policy: nn.Module, rm_view: RMView) -> FrozenRewardBody:
-    """The one place where the reward mode picks the reward model's class (and BRME fits its heads)."""
-    if REWARD_MODES[cfg.reward].ensemble:
-        brme = BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
-        if cfg.resume and has_checkpoint(cfg.output_dir):
-            return brme  # the fitted heads come back with the checkpoint
-        if not cfg.brme_preference_file:
-            raise SystemExit("error: --reward brme needs --brme_preference_file (JSON lines: prompt, chosen, rejected)")
-        fit_brme_from_file(brme, cfg.brme_preference_file, rm_view, cfg)
-        return brme
-    d_policy = policy.get_output_embeddings().in_features
-    return R2MRewardModel(rm, d_policy=d_policy, d_attn=cfg.d_attn)
-
-
-def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts: list[list[int]],
-        prompt_texts: list[str], render: Optional[Callable[[str, str], str]] = None) -> list[dict]:
-    """What both training scripts do once their data and models are loaded: choose how the RM reads a
-    trajectory, build the reward model for the mode, train."""
-    keep = [i for i, p in enumerate(prompts) if p]  # an empty prompt has nothing to condition on
-    prompts, prompt_texts = [prompts[i] for i in keep], [prompt_texts[i] for i in keep]
-    if not prompts:
-        raise SystemExit("error: no non-empty prompts to train on")
-    rm_view = make_rm_view(rm_tokenizer, render)
-    shares_ids = render is None and same_tokenizer(tokenizer, rm_tokenizer)
-    reward_model = build_reward(cfg, rm, policy, rm_view)
-    return train(policy, ref_policy, reward_model, tokenizer, prompts, cfg, prompt_texts=prompt_texts,
-                 rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer))

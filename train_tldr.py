@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass, field
 
 import r2m
+import runner
 import tiny
 
 
@@ -64,17 +65,17 @@ def tokenize_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
 
 
 def main(argv=None) -> list[dict]:
-    cfg, args = r2m.parse_flags(TLDRArgs, PRESETS, argv)
-    rows = r2m.load_rows(args.dataset, args.dataset_split, [args.prompt_column])
+    cfg, args = runner.parse_flags(TLDRArgs, PRESETS, argv)
+    rows = runner.load_rows(args.dataset, args.dataset_split, [args.prompt_column])
     if args.preset == "tiny":
         tokenizer = rm_tokenizer = tiny.build_tokenizer()
         policy, rm = tiny.build_policy(tokenizer, seed=cfg.seed), tiny.build_reward_model(tokenizer, seed=cfg.seed + 1)
         ref_policy = copy.deepcopy(policy)
     else:
-        policy, ref_policy, rm, tokenizer, rm_tokenizer = r2m.load_pretrained(args.policy_model, args.reward_model, cfg)
+        policy, ref_policy, rm, tokenizer, rm_tokenizer = runner.load_pretrained(args.policy_model, args.reward_model, cfg)
     texts = [str(row[args.prompt_column]) for row in rows]
     prompts = [tokenize_prompt(tokenizer, text, args.max_prompt_tokens) for text in texts]
-    return r2m.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts)
+    return runner.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import copy
 from dataclasses import dataclass, field
 
 import r2m
+import runner
 import tiny
 
 
@@ -58,8 +59,8 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def main(argv=None) -> list[dict]:
-    cfg, args = r2m.parse_flags(UltraFeedbackArgs, PRESETS, argv)
-    rows = r2m.load_rows(args.dataset, args.dataset_split, [args.prompt_column, args.chosen_column])
+    cfg, args = runner.parse_flags(UltraFeedbackArgs, PRESETS, argv)
+    rows = runner.load_rows(args.dataset, args.dataset_split, [args.prompt_column, args.chosen_column])
     if args.preset == "tiny":
         # Two different chat formats and tokenizers, and two widths, as with LLaMA3 / Qwen vs Skywork.
         tokenizer = tiny.build_tokenizer()
@@ -68,10 +69,10 @@ def main(argv=None) -> list[dict]:
         ref_policy = copy.deepcopy(policy)
         rm = tiny.build_reward_model(rm_tokenizer, seed=cfg.seed + 1, hidden_size=48, arch="llama")
     else:
-        policy, ref_policy, rm, tokenizer, rm_tokenizer = r2m.load_pretrained(args.policy_model, args.reward_model, cfg)
+        policy, ref_policy, rm, tokenizer, rm_tokenizer = runner.load_pretrained(args.policy_model, args.reward_model, cfg)
     texts, prompts = [], []
     for row in rows:
-        chosen = tokenizer(r2m.response_text(row[args.chosen_column]), add_special_tokens=False)["input_ids"]
+        chosen = tokenizer(runner.response_text(row[args.chosen_column]), add_special_tokens=False)["input_ids"]
         ids = chat_prompt_ids(tokenizer, str(row[args.prompt_column]))
         # SPEC §5 drops rows whose chosen reply is long; Choice: also those whose templated prompt is long
         if len(chosen) <= args.max_chosen_tokens and len(ids) <= args.max_prompt_tokens:
@@ -79,7 +80,7 @@ def main(argv=None) -> list[dict]:
             prompts.append(ids)
     print(f"{len(prompts)} of {len(rows)} prompts kept (chosen reply <= {args.max_chosen_tokens} tokens, "
           f"prompt <= {args.max_prompt_tokens} tokens)")
-    return r2m.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts, render=r2m.chat_render(rm_tokenizer))
+    return runner.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts, render=runner.chat_render(rm_tokenizer))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def measure(model: str, variant: str, settings: dict, seed: int, queue) -> None:
     import torch
 
     import r2m
+    import runner
 
     if settings["device"] == "cpu":
         torch.set_num_threads(settings.get("threads") or os.cpu_count())
@@ -99,7 +100,7 @@ def measure(model: str, variant: str, settings: dict, seed: int, queue) -> None:
                         total_trajectories=(1 + settings["measured_steps"]) * n_traj, save_every=0, sample_every=0, seed=seed,
                         output_dir=os.path.join(settings["output_dir"], variant))
     params_p, params_r = count_params(policy), count_params(rm)
-    reward_model = r2m.build_reward(cfg, rm, policy, rm_view=None)
+    reward_model = runner.build_reward(cfg, rm, policy, rm_view=None)
     if torch.cuda.is_available() and settings["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
     history = r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)

@@ -38,6 +38,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import brme  # noqa: E402
 import r2m  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,9 +252,9 @@ def run_method(name: str, seed: int, steps: int, world: dict, out_dir: str) -> l
     policy, ref_policy, rm = copy.deepcopy(sft_policy), copy.deepcopy(sft_policy), copy.deepcopy(proxy)
     mode = r2m.REWARD_MODES[cfg.reward]
     if mode.ensemble:
-        reward_model = r2m.BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=seed)
+        reward_model = brme.BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=seed)
         train_pairs = world["train_pairs"]
-        r2m.fit_brme_heads(reward_model, reward_model.reward_token_embedding(*pair_batch(train_pairs, "chosen")),
+        brme.fit_brme_heads(reward_model, reward_model.reward_token_embedding(*pair_batch(train_pairs, "chosen")),
                            reward_model.reward_token_embedding(*pair_batch(train_pairs, "rejected")),
                            cfg.brme_epochs, cfg.brme_lr, seed=seed, sigma_prior=cfg.brme_sigma_prior)
     else:

@@ -4,7 +4,9 @@ import copy
 
 import torch
 
+import brme
 import r2m
+import runner
 import tiny
 import train_ultrafeedback
 
@@ -19,7 +21,7 @@ def test_rm_reads_its_own_template_and_policy_states_cover_policy_tokens(tmp_pat
     cfg = r2m.R2MConfig(queries_per_step=2, group_size=2, total_trajectories=4, max_new_tokens=5, device="cpu",
                         forward_batch_size=4, generation_batch_size=4)
     rt = r2m.make_runtime(cfg)
-    view = r2m.make_rm_view(rm_tok, r2m.chat_render(rm_tok))
+    view = r2m.make_rm_view(rm_tok, runner.chat_render(rm_tok))
     ro = r2m.rollout(policy, copy.deepcopy(policy), tok, prompts, prompts_text, cfg, rt, view, rm_tok.pad_token_id)
     for row in range(4):
         response = tok.decode(ro.query_responses[row, ro.prompt_len:][ro.response_mask[row].bool()], skip_special_tokens=True)
@@ -31,9 +33,9 @@ def test_rm_reads_its_own_template_and_policy_states_cover_policy_tokens(tmp_pat
     assert ro.hidden.shape == (4, ro.query_responses.shape[1] - 1, 64)
 
 
-def _embed(brme, view, rows, column):
+def _embed(ensemble, view, rows, column):
     ids, mask = r2m.pad_right([view(r["prompt"], r[column]) for r in rows], 0)
-    return brme.reward_token_embedding(ids, mask)
+    return ensemble.reward_token_embedding(ids, mask)
 
 
 def test_brme_heads_learn_and_sigma_marks_contradictory_pairs(tokenizer):
@@ -41,12 +43,12 @@ def test_brme_heads_learn_and_sigma_marks_contradictory_pairs(tokenizer):
     view = r2m.make_rm_view(tokenizer)
     train = tiny.synthetic_preference_rows(512, seed=11, contradictory=0.3)
     test = tiny.synthetic_preference_rows(256, seed=12, contradictory=0.3)
-    brme = r2m.BRMEReward(rm, num_heads=5, lam=0.4)
-    r2m.fit_brme_heads(brme, _embed(brme, view, train, "chosen"), _embed(brme, view, train, "rejected"),
+    ensemble = brme.BRMEReward(rm, num_heads=5, lam=0.4)
+    brme.fit_brme_heads(ensemble, _embed(ensemble, view, train, "chosen"), _embed(ensemble, view, train, "rejected"),
                        epochs=10, lr=3e-2)
     with torch.no_grad():
-        mu_w, sig_w = brme.head_distributions(_embed(brme, view, test, "chosen"))
-        mu_l, sig_l = brme.head_distributions(_embed(brme, view, test, "rejected"))
+        mu_w, sig_w = ensemble.head_distributions(_embed(ensemble, view, test, "chosen"))
+        mu_l, sig_l = ensemble.head_distributions(_embed(ensemble, view, test, "rejected"))
     consistent = torch.tensor([r["kind"] == "consistent" for r in test])
     heldout_accuracy = (mu_w > mu_l)[consistent].float().mean(0)  # (E,)
     assert (heldout_accuracy > 0.75).all(), heldout_accuracy  # chance is 0.5
@@ -58,19 +60,19 @@ def test_brme_heads_learn_and_sigma_marks_contradictory_pairs(tokenizer):
 
 def test_brme_rl_run_raises_the_robust_reward(tmp_path, tokenizer, models, prompts):
     policy, ref_policy, rm = models
-    brme = r2m.BRMEReward(rm, num_heads=3, lam=0.4)
+    ensemble = brme.BRMEReward(rm, num_heads=3, lam=0.4)
     view = r2m.make_rm_view(tokenizer)
     rows = tiny.synthetic_preference_rows(128, seed=5)
-    r2m.fit_brme_heads(brme, _embed(brme, view, rows, "chosen"), _embed(brme, view, rows, "rejected"), epochs=5, lr=3e-2)
-    heads = copy.deepcopy(brme.heads.state_dict())
+    brme.fit_brme_heads(ensemble, _embed(ensemble, view, rows, "chosen"), _embed(ensemble, view, rows, "rejected"), epochs=5, lr=3e-2)
+    heads = copy.deepcopy(ensemble.heads.state_dict())
     cfg = r2m.R2MConfig(reward="brme", queries_per_step=8, group_size=4, total_trajectories=32 * 16,
                         max_new_tokens=3, policy_lr=1e-2, beta=0.0, policy_minibatch_size=16, micro_batch_size=8,
                         forward_batch_size=16, generation_batch_size=32, device="cpu",
                         output_dir=str(tmp_path / "run"), save_every=0, sample_every=0)
-    history = r2m.train(policy, ref_policy, brme, tokenizer, prompts, cfg)
+    history = r2m.train(policy, ref_policy, ensemble, tokenizer, prompts, cfg)
     rewards = [h["reward/mean"] for h in history]
     assert sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3 > history[0]["reward/std"], rewards
-    assert all(torch.equal(heads[k], v) for k, v in brme.heads.state_dict().items())  # frozen during RL
+    assert all(torch.equal(heads[k], v) for k, v in ensemble.heads.state_dict().items())  # frozen during RL
 
 
 def test_brme_refuses_an_r2m_mode_mismatch(tmp_path, tokenizer, models, prompts):
@@ -78,7 +80,7 @@ def test_brme_refuses_an_r2m_mode_mismatch(tmp_path, tokenizer, models, prompts)
     cfg = r2m.R2MConfig(reward="r2m", device="cpu", output_dir=str(tmp_path), queries_per_step=8,
                         total_trajectories=32, policy_minibatch_size=16)
     try:
-        r2m.train(policy, ref_policy, r2m.BRMEReward(rm), tokenizer, prompts, cfg)
+        r2m.train(policy, ref_policy, brme.BRMEReward(rm), tokenizer, prompts, cfg)
     except ValueError as e:
         assert "needs an R2MRewardModel" in str(e)
     else:

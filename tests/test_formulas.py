@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import brme
 import r2m
 
 
@@ -115,9 +116,9 @@ def test_brme_robust_reward_picks_lowest_sigma_and_minimum():
     sigma = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.4]])
     nominal = torch.tensor([3.0, 0.5])
     worst = torch.tensor([-2.0, 0.0])
-    torch.testing.assert_close(r2m.robust_reward(mu, sigma, 0.0), nominal)
-    torch.testing.assert_close(r2m.robust_reward(mu, sigma, 1.0), worst)
-    torch.testing.assert_close(r2m.robust_reward(mu, sigma, 0.4), 0.6 * nominal + 0.4 * worst)
+    torch.testing.assert_close(brme.robust_reward(mu, sigma, 0.0), nominal)
+    torch.testing.assert_close(brme.robust_reward(mu, sigma, 1.0), worst)
+    torch.testing.assert_close(brme.robust_reward(mu, sigma, 0.4), 0.6 * nominal + 0.4 * worst)
 
 
 def test_gaussian_bt_loss_hand_computed():
@@ -125,4 +126,4 @@ def test_gaussian_bt_loss_hand_computed():
     s_w, s_l = torch.tensor([1.0]), torch.tensor([2.0])
     scale = math.sqrt(1 + math.pi / 8 * 5)
     expected = math.log(1 + math.exp(-1 / scale))
-    assert r2m.gaussian_bradley_terry_loss(mu_w, s_w, mu_l, s_l).item() == pytest.approx(expected, rel=1e-6)
+    assert brme.gaussian_bradley_terry_loss(mu_w, s_w, mu_l, s_l).item() == pytest.approx(expected, rel=1e-6)

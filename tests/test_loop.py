@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import r2m
+import runner
 import tiny
 
 
@@ -98,7 +99,7 @@ def test_heterogeneous_pair_runs_a_step(tmp_path, tokenizer, prompts):
     policy = tiny.build_policy(tokenizer, arch="llama", hidden_size=48)
     rm_tokenizer = tiny.build_tokenizer(vocab_size=400)
     rm = tiny.build_reward_model(rm_tokenizer, hidden_size=32)
-    assert not r2m.same_tokenizer(tokenizer, rm_tokenizer)
+    assert not runner.same_tokenizer(tokenizer, rm_tokenizer)
     reward_model = r2m.R2MRewardModel(rm, d_policy=48, d_attn=16)
     attn = snapshot(reward_model.policy_feedback)
     rm_view = r2m.make_rm_view(rm_tokenizer)

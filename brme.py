@@ -1,0 +1,168 @@
+"""BRME: the reward-robust RLHF baseline (Yan et al., "Reward-Robust RLHF in LLMs", arXiv:2409.15360).
+
+A Bayesian Reward Model Ensemble: E Gaussian heads on the frozen RM's reward-token embedding, fitted before
+RL on a preference file and then frozen. During RL the reward is r_robust = (1 - λ)·r_nominal + λ·r_min
+(SPEC §6). It is a reward mode of the same loop (`--reward brme`, a row of `r2m.REWARD_MODES`), not a second
+trainer: `BRMEReward` has the same interface as `r2m.R2MRewardModel` (`reward_token_embedding`,
+`rewards_from_embedding`, `trainable_state_dict`), so `r2m.train` uses it unchanged.
+
+The full BRME paper was not available to us; every point that reconstructs it is a "Choice:" below.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from r2m import FrozenRewardBody, R2MConfig, RMView, make_runtime, pad_right
+
+
+def gaussian_bradley_terry_loss(
+    mu_w: torch.Tensor, sigma_w: torch.Tensor, mu_l: torch.Tensor, sigma_l: torch.Tensor
+) -> torch.Tensor:
+    """(B,) x 4 -> (). BRME's per-head preference likelihood, averaged over pairs.
+
+    Choice (our reconstruction, SPEC §6): with Gaussian rewards the probit-style closed form
+    P(w ≻ l) = σ((μ_w - μ_l) / sqrt(1 + (π/8)(σ_w² + σ_l²))); loss = -log P. A head can only lower the
+    loss on pairs it gets wrong by widening σ there, so σ grows where pairs are ambiguous."""
+    scale = torch.sqrt(1 + (math.pi / 8) * (sigma_w**2 + sigma_l**2))
+    return -F.logsigmoid((mu_w - mu_l) / scale).mean()
+
+
+def robust_reward(mu: torch.Tensor, sigma: torch.Tensor, lam: float) -> torch.Tensor:
+    """(B, E), (B, E) -> (B,). r_robust = (1 - λ)·r_nominal + λ·r_min (SPEC §6).
+
+    r_nominal: the mean of the head with the smallest σ for that sample; r_min: the smallest head mean."""
+    nominal = mu.gather(1, sigma.argmin(dim=1, keepdim=True)).squeeze(1)  # (B,)
+    worst = mu.min(dim=1).values  # (B,)
+    return (1 - lam) * nominal + lam * worst
+
+
+class BRMEReward(FrozenRewardBody):
+    """Bayesian Reward Model Ensemble: E Gaussian heads on the frozen RM's reward-token embedding.
+
+    Choice (our reconstruction, SPEC §6): head e = Linear(D_rm -> 2) giving (μ_e, log σ_e); the μ row starts
+    from the pretrained score head plus small noise (10% of its weights' std), log σ starts at 0 (σ = 1).
+    The heads are trained before RL by `fit_brme_heads`, then frozen; policy feedback is not used."""
+
+    is_ensemble = True  # what `r2m.train` checks against the reward mode's `ensemble` flag
+
+    def __init__(self, reward_model: nn.Module, num_heads: int = 5, lam: float = 0.4, seed: int = 0):
+        super().__init__(reward_model)
+        d_rm = reward_model.score.in_features
+        self.lam = lam
+        self.heads = nn.Linear(d_rm, 2 * num_heads).float()  # rows 2e, 2e+1: μ_e, log σ_e
+        g = torch.Generator().manual_seed(seed)
+        w = reward_model.score.weight.detach().float()[0]  # (D_rm,)
+        b = reward_model.score.bias.detach().float()[0] if reward_model.score.bias is not None else torch.tensor(0.0)
+        with torch.no_grad():
+            noise = 0.1 * w.std() * torch.randn(num_heads, d_rm, generator=g)
+            self.heads.weight.view(num_heads, 2, d_rm)[:, 0] = w + noise
+            self.heads.weight.view(num_heads, 2, d_rm)[:, 1] = 0.0
+            self.heads.bias.view(num_heads, 2)[:, 0] = b
+            self.heads.bias.view(num_heads, 2)[:, 1] = 0.0
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads.out_features // 2
+
+    def head_distributions(self, rte: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D_rm) -> μ (B, E), σ (B, E)."""
+        out = self.heads(rte.to(self.heads.weight.dtype)).view(rte.shape[0], self.num_heads, 2)  # (B, E, 2)
+        return out[..., 0], out[..., 1].clamp(-6.0, 6.0).exp()  # log σ clamped: σ in [2.5e-3, 403]
+
+    def rewards_from_embedding(self, rte, h=None, h_mask=None, omega: float = 1.0) -> torch.Tensor:
+        """(B, D_rm) -> (B,) robust reward; h and ω are ignored (BRME has no policy feedback)."""
+        mu, sigma = self.head_distributions(rte)
+        return robust_reward(mu, sigma, self.lam)
+
+    def trainable_parameters(self, feedback: bool = True) -> Iterator[nn.Parameter]:
+        yield from self.heads.parameters()
+
+    def trainable_state_dict(self) -> dict:
+        return {"heads": self.heads.state_dict(), "lam": self.lam}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        self.heads.load_state_dict(state["heads"])
+        self.lam = state["lam"]
+
+
+def fit_brme_heads(
+    brme: BRMEReward,
+    chosen_rte: torch.Tensor,
+    rejected_rte: torch.Tensor,
+    epochs: int = 2,
+    lr: float = 1e-4,
+    batch_size: int = 64,
+    seed: int = 0,
+    sigma_prior: float = 0.01,
+) -> list[float]:
+    """Train each BRME head on its own bootstrap resample of the preference pairs (Gaussian BT loss).
+
+    chosen_rte, rejected_rte: (M, D_rm) reward-token embeddings of the chosen / rejected responses, computed
+    once with the frozen body (`reward_token_embedding`), so training the heads needs no RM forward.
+    Returns each head's training accuracy (fraction of its resample with μ_chosen > μ_rejected)."""
+    M, E = chosen_rte.shape[0], brme.num_heads
+    if M == 0:
+        raise ValueError("BRME needs at least one preference pair")
+    g = torch.Generator().manual_seed(seed)
+    device = brme.heads.weight.device
+    chosen_rte, rejected_rte = chosen_rte.to(device).float(), rejected_rte.to(device).float()
+    # Choice: one bootstrap resample (M draws with replacement) per head, fixed for all epochs.
+    samples = torch.randint(0, M, (E, M), generator=g)  # (E, M)
+    optimizer = torch.optim.AdamW(brme.heads.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(epochs):
+        order = torch.randperm(M, generator=g)
+        for s in range(0, M, batch_size):
+            rows = samples[:, order[s : s + batch_size]]  # (E, b): each head its own pairs
+            mu_w, sig_w = brme.head_distributions(chosen_rte[rows.reshape(-1)])  # (E*b, E)
+            mu_l, sig_l = brme.head_distributions(rejected_rte[rows.reshape(-1)])
+            # keep head e's outputs on head e's pairs only: block-diagonal pick, (E, b)
+            pick = lambda x: x.view(E, -1, E).diagonal(dim1=0, dim2=2).T  # noqa: E731
+            loss = gaussian_bradley_terry_loss(pick(mu_w), pick(sig_w), pick(mu_l), pick(sig_l)) * E
+            # Choice: a weak prior γ·(log σ)² pulls σ toward 1. Where a head cannot order a pair (margin ~0)
+            # the likelihood above is flat in σ, so without a prior σ there is not identified and drifts
+            # down with the rest; with it, σ shrinks only where pairs are consistently separated.
+            log_sigmas = torch.cat([pick(sig_w), pick(sig_l)]).log()
+            loss = loss + sigma_prior * E * (log_sigmas**2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        mu_w, _ = brme.head_distributions(chosen_rte)
+        mu_l, _ = brme.head_distributions(rejected_rte)
+        correct = (mu_w > mu_l).float()  # (M, E)
+        return [correct[samples[e], e].mean().item() for e in range(E)]
+
+
+def fit_brme_from_file(brme: BRMEReward, path: str, rm_view: RMView, cfg: R2MConfig) -> list[float]:
+    """Train BRME's heads on a preference file: rows {prompt, chosen, rejected} (texts, or chats as in
+    UltraFeedback). The RM body runs once per response to get its reward-token embedding."""
+    from runner import load_rows, response_text  # the scripts' loader: one-line errors on a bad file
+
+    rows = load_rows(path, "train", ["prompt", "chosen", "rejected"])
+    rt = make_runtime(cfg)
+    brme.to(rt.device)
+    brme.reward_model.to(rt.device, rt.autocast_dtype or torch.float32).eval()
+
+    def embed(column: str) -> torch.Tensor:  # -> (M, D_rm)
+        out = []
+        for s in range(0, len(rows), cfg.forward_batch_size):
+            ids = [rm_view(str(r["prompt"]), response_text(r[column])) for r in rows[s : s + cfg.forward_batch_size]]
+            ids, mask = pad_right(ids, 0)
+            with rt.autocast():
+                out.append(brme.reward_token_embedding(ids.to(rt.device), mask.to(rt.device)).float())
+        return torch.cat(out)
+
+    accuracies = fit_brme_heads(
+        brme, embed("chosen"), embed("rejected"), cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed,
+        sigma_prior=cfg.brme_sigma_prior,
+    )
+    tqdm.write(f"BRME: {brme.num_heads} heads on {len(rows)} pairs from {path}; train accuracy per head "
+               + ", ".join(f"{a:.3f}" for a in accuracies))
+    return accuracies
