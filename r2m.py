@@ -101,6 +101,14 @@ class R2MConfig:
     d_attn: int = field(default=2048, metadata={"help": "d: width of the cross-attention (Eq. 3)."})
     rm_lr: float = field(default=5e-7, metadata={"help": "AdamW learning rate of cross-attention + score head."})
     rm_minibatch_groups: int = field(default=32, metadata={"help": "Groups per GREBT optimiser step."})
+    rm_epochs: int = field(
+        default=1, metadata={"help": "GREBT passes over a step's groups (1 = the paper's single reward-model update)."}
+    )
+    grebt_pairs: str = field(
+        default="fresh",
+        metadata={"help": "Rewards that pick GREBT's (winner, loser) pair: 'fresh' (recomputed with the fresh h' of the "
+                  "last policy epoch, the paper's reading) or 'annotated' (this step's annotation-time rewards)."},
+    )
     # --- BRME (second paper) --------------------------------------------------------------------------
     brme_heads: int = field(default=5, metadata={"help": "BRME: number of Gaussian reward heads."})
     brme_lambda: float = field(default=0.4, metadata={"help": "BRME: λ in (1-λ)·r_nominal + λ·r_min."})
@@ -170,6 +178,10 @@ class R2MConfig:
             raise ValueError(f"--brme_lambda must lie in [0, 1], got {self.brme_lambda}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.grebt_pairs not in ("fresh", "annotated"):
+            raise ValueError(f"--grebt_pairs must be 'fresh' or 'annotated', got {self.grebt_pairs!r}")
+        if self.rm_epochs < 1:
+            raise ValueError(f"--rm_epochs must be at least 1, got {self.rm_epochs}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,7 +190,10 @@ class R2MConfig:
 
 
 def omega(t: int, total_steps: int, floor: float) -> float:
-    """Weight of the RM's own reward-token embedding at step t (0-based) of T."""
+    """Weight of the RM's own reward-token embedding at step t (0-based) of T.
+    Choice: t counts from 0, so the first step is scored by the pure semantic RM (ω = 1) and the schedule
+    reaches its floor at the same step in either reading. The paper's Algorithm 1 counts t = 1..T; the two
+    readings differ by one step of the cosine (at most ≈ 0.013 at T = 122)."""
     # Eq. 4: ω(t) = max(½·cos(π·t/T) + ½, Ω).  ω(0) = 1 (pure semantic RM), decays to the floor Ω.
     return max(0.5 * math.cos(math.pi * t / total_steps) + 0.5, floor)
 
@@ -190,16 +205,18 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - leave_one_out_mean
 
 
-def _group_std(rewards: torch.Tensor) -> torch.Tensor:
-    """(n, K) -> (n, 1). Choice: the unbiased sample std (divide by K-1, torch's default), for GRPO
-    and GRE alike. Clamped under the square root so that a zero-spread group has a finite gradient."""
-    var = rewards.var(dim=1, keepdim=True)  # (n, 1), unbiased
+def _group_std(rewards: torch.Tensor, correction: int) -> torch.Tensor:
+    """(n, K) -> (n, 1): the std of each group, dividing by K - correction. Clamped under the square root so
+    that a zero-spread group has a finite gradient."""
+    var = rewards.var(dim=1, keepdim=True, correction=correction)  # (n, 1)
     return var.clamp_min(1e-24).sqrt()
 
 
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """(n, K) -> (n, K). GRPO: A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps), unbiased std."""
-    return (rewards - rewards.mean(dim=1, keepdim=True)) / (_group_std(rewards) + eps)
+    """(n, K) -> (n, K). GRPO: A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps).
+    Choice: the unbiased sample std (divide by K - 1), as DeepSeekMath's GRPO is implemented in TRL and
+    OpenRLHF (torch's default `std`); the R2M paper takes GRPO as given and does not restate it."""
+    return (rewards - rewards.mean(dim=1, keepdim=True)) / (_group_std(rewards, correction=1) + eps)
 
 
 def policy_loss(
@@ -217,7 +234,9 @@ def policy_loss(
     π_old and π_ref; advantages: (B,); mask: (B, T), 1 on response tokens up to and including EOS.
     """
     mask = mask.bool()
-    # Eq. 2: ρ = π_θ / π_old per token; surrogate = min(ρ·A, clip(ρ, 1-ε, 1+ε)·A)
+    # Eq. 2: ρ = π_θ / π_old; surrogate = min(ρ·A, clip(ρ, 1-ε, 1+ε)·A).
+    # Choice: ρ per token, as PPO / GRPO implementations do (TRL, OpenRLHF). The paper writes Eq. 2 with the
+    # sequence-level ratio π_θ(y|x) / π_old(y|x); a product of 50-500 token ratios is clipped almost always.
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     adv = advantages[:, None]  # (B, 1): one advantage for every token of a response
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # (B, T)
@@ -249,12 +268,13 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
 def group_reward_entropy(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """(n, K) -> (). Eq. 6, mean over groups.
 
-    z = (r - mean(r)) / (std(r) + eps), p = softmax(z), L_GRE = -Σ_j p_j log p_j.
+    z = (r - mean(r)) / (std(r) + eps), p = softmax(z), L_GRE = -Σ_j p_j log p_j, with std the population
+    std (divide by K), as the paper's Appendix A defines it (Definitions A.9-A.10).
     Choice: gradients flow through the mean and the std, as the equation is written.
     """
     K = rewards.shape[1]
-    # Eq. 6: standardise within the group, then the entropy of the softmax over the group
-    z = (rewards - rewards.mean(dim=1, keepdim=True)) / (_group_std(rewards) + eps)  # (n, K)
+    # Eq. 6: standardise within the group (population std, App. A), then the entropy of the softmax over it
+    z = (rewards - rewards.mean(dim=1, keepdim=True)) / (_group_std(rewards, correction=0) + eps)  # (n, K)
     log_p = F.log_softmax(z, dim=1)  # (n, K)
     entropy = -(log_p.exp() * log_p).sum(dim=1)  # (n,)
     # A group whose K rewards are all equal sits at the entropy maximum log K, where the gradient is zero.
@@ -265,15 +285,19 @@ def group_reward_entropy(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tens
     return entropy.mean()
 
 
-def grebt_loss(new_rewards: torch.Tensor, annotated_rewards: torch.Tensor, alpha: float) -> torch.Tensor:
+def grebt_pair(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, K) -> winner (n, 1), loser (n, 1): the self-labelled preference pair of each group, the response
+    with the highest and the one with the lowest reward (no gradient flows through the choice)."""
+    return rewards.argmax(dim=1, keepdim=True), rewards.argmin(dim=1, keepdim=True)
+
+
+def grebt_loss(new_rewards: torch.Tensor, pair_rewards: torch.Tensor, alpha: float) -> torch.Tensor:
     """(n, K), (n, K) -> (). Eq. 7: L_GREBT = (1 - α)·L_BT + α·L_GRE, averaged over groups.
 
-    The pair is chosen by the rewards assigned at annotation (the paper's pseudo-labels: winner = argmax,
-    loser = argmin); both loss terms are computed on `new_rewards`, recomputed with the current score head
-    and the fresh hidden states of the last policy epoch.
-    """
-    winner = annotated_rewards.argmax(dim=1, keepdim=True)  # (n, 1)
-    loser = annotated_rewards.argmin(dim=1, keepdim=True)  # (n, 1)
+    The pair (winner = argmax, loser = argmin) is chosen by `pair_rewards`; both loss terms are computed on
+    `new_rewards`, recomputed with the current score head and the fresh hidden states of the last policy
+    epoch. Which rewards choose the pair is `--grebt_pairs` (see `reward_model_update`)."""
+    winner, loser = grebt_pair(pair_rewards.detach())  # (n, 1) each
     r_w = new_rewards.gather(1, winner).squeeze(1)  # (n,)
     r_l = new_rewards.gather(1, loser).squeeze(1)  # (n,)
     # Eq. 7
@@ -347,6 +371,14 @@ class PolicyFeedbackAttention(nn.Module):
         return self.W_o(attended)  # (B, D_rm)
 
 
+def float32_only(x: torch.Tensor):
+    """Autocast off around the reward head (the cross-attention, the Eq. 4 blend and φ).
+    Choice: rewards are computed in float32 even when the frozen bodies run in bf16. bf16 has ~3 significant
+    digits (a step of ≈ 0.016 at |r| ≈ 3), enough to reorder a group's rewards, which moves RLOO advantages
+    and GREBT's argmax / argmin pair."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, S) -> (B, S). With left padding the first real token must get position 0, as generate() does;
     a plain forward would number from the first pad instead and see a shifted sequence."""
@@ -398,6 +430,11 @@ class FrozenRewardBody(nn.Module):
         rte = self.reward_token_embedding(input_ids, attention_mask)
         return self.rewards_from_embedding(rte, h, h_mask, omega)
 
+    def reward_parts(self, rte, h=None, h_mask=None, omega: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D_rm) -> (rewards (B,), the part of them that comes from policy feedback (B,)): none here."""
+        rewards = self.rewards_from_embedding(rte, h, h_mask, omega)
+        return rewards, torch.zeros_like(rewards)
+
 
 class R2MRewardModel(FrozenRewardBody):
     """r_φ(x, y, h): a pretrained scalar RM whose body is frozen, plus the policy-feedback path.
@@ -406,11 +443,15 @@ class R2MRewardModel(FrozenRewardBody):
     RM's own head, so at ω = 1 R2M gives exactly the RM's own reward. The wrapped RM is never modified.
     """
 
-    def __init__(self, reward_model: nn.Module, d_policy: int, d_attn: int = 2048):
+    def __init__(self, reward_model: nn.Module, d_policy: int, d_attn: int = 2048, seed: int = 0):
         super().__init__(reward_model)
         d_rm = reward_model.score.in_features
-        self.policy_feedback = PolicyFeedbackAttention(d_rm, d_policy, d_attn).float()
-        self.score_head = nn.Linear(d_rm, 1, bias=reward_model.score.bias is not None).float()
+        # Choice: the cross-attention's initial weights are a function of `seed` alone, drawn from a private
+        # generator state, so they do not depend on what else the process drew before (other runs, data).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.policy_feedback = PolicyFeedbackAttention(d_rm, d_policy, d_attn).float()
+            self.score_head = nn.Linear(d_rm, 1, bias=reward_model.score.bias is not None).float()
         self.score_head.load_state_dict({k: v.float() for k, v in reward_model.score.state_dict().items()})
 
     def trainable_parameters(self, feedback: bool = True, body: bool = False) -> Iterator[nn.Parameter]:
@@ -434,22 +475,31 @@ class R2MRewardModel(FrozenRewardBody):
         if "body" in state:
             self.reward_model.base_model.load_state_dict(state["body"])
 
+    def reward_parts(
+        self, rte: torch.Tensor, h: Optional[torch.Tensor] = None, h_mask: Optional[torch.Tensor] = None,
+        omega: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rte (B, D_rm), h (B, S, D_p) or None, h_mask (B, S) -> (reward (B,), feedback part (B,)).
+
+        φ is linear, so the reward splits along Eq. 4: φ(H_fin) = (1 - ω)·w·Ĥ + ω·w·H_last + b, where the
+        first term is what the policy-feedback path contributes (zero without feedback or at ω = 1)."""
+        with float32_only(rte):
+            rte = rte.float()
+            if h is None or omega == 1.0:
+                # no feedback (vanilla / iterative head), or ω = 1: H_fin = H_last exactly
+                return self.score_head(rte).squeeze(-1), torch.zeros(rte.shape[0], device=rte.device)
+            feedback = self.policy_feedback(rte, h, h_mask)  # (B, D_rm), Ĥ
+            # Eq. 4: H_fin = (1 - ω(t))·Ĥ + ω(t)·H_last, reward = φ(H_fin)
+            final = (1 - omega) * feedback + omega * rte
+            feedback_part = (1 - omega) * (feedback @ self.score_head.weight[0])  # (B,)
+            return self.score_head(final).squeeze(-1), feedback_part
+
     def rewards_from_embedding(
-        self,
-        rte: torch.Tensor,
-        h: Optional[torch.Tensor] = None,
-        h_mask: Optional[torch.Tensor] = None,
+        self, rte: torch.Tensor, h: Optional[torch.Tensor] = None, h_mask: Optional[torch.Tensor] = None,
         omega: float = 1.0,
     ) -> torch.Tensor:
-        """rte (B, D_rm), h (B, S, D_p) or None, h_mask (B, S) -> (B,) rewards φ(H_fin)."""
-        rte = rte.to(self.score_head.weight.dtype)
-        if h is None or omega == 1.0:
-            final = rte  # no feedback (vanilla / iterative head), or ω = 1: H_fin = H_last exactly
-        else:
-            feedback = self.policy_feedback(rte, h, h_mask)  # (B, D_rm), Ĥ
-            # Eq. 4: H_fin = (1 - ω(t))·Ĥ + ω(t)·H_last
-            final = (1 - omega) * feedback + omega * rte
-        return self.score_head(final).squeeze(-1)  # (B,)
+        """rte (B, D_rm), h (B, S, D_p) or None, h_mask (B, S) -> (B,) rewards φ(H_fin), in float32."""
+        return self.reward_parts(rte, h, h_mask, omega)[0]
 
 
 @dataclass(frozen=True)
@@ -462,6 +512,7 @@ class RewardMode:
     train: bool  # run the GREBT reward-model step after every policy step (Eqs. 5-7)
     ensemble: bool = False  # BRME: reward-robust ensemble instead of R2M (SPEC §6)
     train_body: bool = False  # also train the RM's whole LLM body (the costly alternative R2M avoids)
+    annotated_pairs: bool = False  # GREBT pairs from the annotation-time rewards whatever --grebt_pairs says
 
 
 # The R2M paper's baselines and ablations (SPEC §4) and BRME. w/o BT / w/o GRE are alpha = 1 / 0.
@@ -470,7 +521,7 @@ REWARD_MODES: dict[str, RewardMode] = {
     "r2m": RewardMode(feedback=True, noise=False, train=True),
     "r2m_frozen": RewardMode(feedback=True, noise=False, train=False),
     "r2m_noise": RewardMode(feedback=True, noise=True, train=True),
-    "iterative_head": RewardMode(feedback=False, noise=False, train=True),
+    "iterative_head": RewardMode(feedback=False, noise=False, train=True, annotated_pairs=True),  # App. G.5
     "brme": RewardMode(feedback=False, noise=False, train=False, ensemble=True),
     # Not a method of the paper but its cost baseline: R2M with every RM parameter trainable, so the GREBT step
     # must run the RM body with gradients instead of reusing the cached H_last.
@@ -510,6 +561,7 @@ class Rollout:
     contains_eos: torch.Tensor  # (N,) bool
     prompt_len: int  # P
     reward_token_embedding: Optional[torch.Tensor] = None  # (N, D_rm), filled by annotate_rewards
+    feedback_reward: Optional[torch.Tensor] = None  # (N,) the policy-feedback part of each reward, likewise
 
 
 def pad_token_id(tokenizer) -> int:
@@ -627,6 +679,23 @@ def _to_host(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return x.to(rt.hidden_device)
 
 
+@contextlib.contextmanager
+def own_generation_config(model: nn.Module):
+    """Generate with only the settings we pass. transformers fills every generation field we leave unset
+    from the model's own generation_config.json (Qwen2.5-Instruct ships repetition_penalty=1.05, others
+    top_k / top_p / no_repeat_ngram_size ...): each would change the distribution sampled from without
+    entering the log-probs that the PPO ratio divides by. So the model's config is swapped for a blank one
+    while generating."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 RMView = Callable[[str, str], list[int]]  # (prompt text, response text) -> the RM's token ids
 
 
@@ -669,8 +738,9 @@ def rollout(
     queries = [p for p in prompts for _ in range(K)]
     query_ids, query_mask = pad_left(queries, pad_id)  # (N, P)
     P = query_ids.shape[1]
-    # Temperature sampling and nothing else: top_k=0 / top_p=1 override whatever the model's own
-    # generation_config.json would add, so the log-probs below are those of the distribution sampled.
+    # Temperature sampling and nothing else (top_k=0 switches off transformers' default top-k of 50), and
+    # nothing from the model's own generation_config.json (see `own_generation_config`), so the log-probs
+    # below are those of the distribution sampled.
     gen_config = GenerationConfig(
         do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=R,
         pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
@@ -679,7 +749,7 @@ def rollout(
     for s in range(0, len(queries), cfg.generation_batch_size):
         ids = query_ids[s : s + cfg.generation_batch_size].to(rt.device)
         mask = query_mask[s : s + cfg.generation_batch_size].to(rt.device)
-        with rt.autocast():
+        with rt.autocast(), own_generation_config(policy):
             out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
         resp = out[:, P:]  # (b, R') with R' <= R: generation stops once every row has hit EOS
         resp = F.pad(resp, (0, R - resp.shape[1]), value=pad_id)  # (b, R)
@@ -742,7 +812,7 @@ def annotate_rewards(reward_model, ro: Rollout, omega_t: float, mode: RewardMode
 
     Choice: the RM body is frozen, so each sample's reward-token embedding H_last is computed here once
     and kept (N, D_rm) for the GREBT step, which then needs no RM forward at all."""
-    rewards, rtes = [], []
+    rewards, feedback_parts, rtes = [], [], []
     N = ro.rm_input_ids.shape[0]
     for s in range(0, N, cfg.forward_batch_size):
         idx = torch.arange(s, min(s + cfg.forward_batch_size, N))
@@ -751,9 +821,12 @@ def annotate_rewards(reward_model, ro: Rollout, omega_t: float, mode: RewardMode
                 ro.rm_input_ids[idx].to(rt.device), ro.rm_attention_mask[idx].to(rt.device)
             )  # (b, D_rm)
             h, h_mask = _feedback_states(ro, idx, mode, rt)
-            rewards.append(reward_model.rewards_from_embedding(rte, h, h_mask, omega_t).float().cpu())
+            r, feedback_part = reward_model.reward_parts(rte, h, h_mask, omega_t)  # (b,), (b,)
+        rewards.append(r.float().cpu())
+        feedback_parts.append(feedback_part.float().cpu())
         rtes.append(rte.float())
     ro.reward_token_embedding = torch.cat(rtes)  # (N, D_rm), stays on the compute device: it is small
+    ro.feedback_reward = torch.cat(feedback_parts)  # (N,) (1 - ω)·w·Ĥ, for the diagnostics
     return torch.cat(rewards)
 
 
@@ -814,38 +887,47 @@ def reward_model_update(
     reward_model, optimizer: torch.optim.Optimizer, ro: Rollout, annotated: torch.Tensor, omega_t: float,
     mode: RewardMode, cfg: R2MConfig, rt: Runtime,
 ) -> dict:
-    """5. Reward-model optimisation (GREBT, Eqs. 5-7): one pass over the step's groups in minibatches.
+    """5. Reward-model optimisation (GREBT, Eqs. 5-7): --rm_epochs passes (the paper: one) over the step's
+    groups in minibatches.
 
-    annotated: (n, K) rewards from the annotation phase (pseudo-labels). Rewards are recomputed with the
-    current φ and cross-attention from the cached H_last and the fresh hidden states of the last epoch,
-    at the same ω(t) as the annotation of this step."""
+    annotated: (n, K) rewards from the annotation phase. Rewards are recomputed with the current φ and
+    cross-attention from the cached H_last and the fresh hidden states h' of the last policy epoch, at the
+    same ω(t) as the annotation of this step; both loss terms use them.
+    Choice: which rewards pick the (winner, loser) pair. `--grebt_pairs fresh` (default): the recomputed
+    ones. The paper points this way: Fig. 3's caption ("use real-time feedback h' to construct preference
+    pairs"), §5.1(3) (R2M's gain over Iterative RM_Head "originates from the recomputation of reward signals
+    before RM updates") and Appendix G.5 (Iterative RM_Head is the variant that keeps the scores from
+    annotation). `--grebt_pairs annotated` is the other reading (Algorithm 1's lines taken literally);
+    the iterative-head mode always uses it, as G.5 defines that baseline."""
     K = cfg.group_size
     n = annotated.shape[0]
+    use_annotated = mode.annotated_pairs or cfg.grebt_pairs == "annotated"
     totals = {"rm/grebt": 0.0, "rm/bt": 0.0, "rm/gre": 0.0}
     batches = 0
-    for groups in torch.randperm(n).split(cfg.rm_minibatch_groups):
-        idx = (groups[:, None] * K + torch.arange(K)[None, :]).reshape(-1)  # (g*K,) rows of these groups
-        h, h_mask = _feedback_states(ro, idx, mode, rt)
-        with rt.autocast():
-            if mode.train_body:  # whole-RM baseline: H_last changes with the body, recompute it with gradients
-                rte = reward_model.reward_token_embedding(
-                    ro.rm_input_ids[idx].to(rt.device), ro.rm_attention_mask[idx].to(rt.device), grad=True
-                )
-            else:  # R2M: the body is frozen, so the H_last cached at annotation is exact
-                rte = ro.reward_token_embedding[idx.to(ro.reward_token_embedding.device)]
-            new = reward_model.rewards_from_embedding(rte, h, h_mask, omega_t).float().view(len(groups), K)  # (g, K)
-        labels = annotated[groups].to(new.device)  # (g, K)
-        loss = grebt_loss(new, labels, cfg.alpha)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
-        optimizer.step()
-        with torch.no_grad():
-            w, l = labels.argmax(1, keepdim=True), labels.argmin(1, keepdim=True)
-            totals["rm/bt"] += bradley_terry_loss(new.gather(1, w).squeeze(1), new.gather(1, l).squeeze(1)).item()
-            totals["rm/gre"] += group_reward_entropy(new).item()
-            totals["rm/grebt"] += loss.item()
-        batches += 1
+    for _ in range(cfg.rm_epochs):
+        for groups in torch.randperm(n).split(cfg.rm_minibatch_groups):
+            idx = (groups[:, None] * K + torch.arange(K)[None, :]).reshape(-1)  # (g*K,) rows of these groups
+            h, h_mask = _feedback_states(ro, idx, mode, rt)
+            with rt.autocast():
+                if mode.train_body:  # whole-RM baseline: H_last changes with the body, recompute it with gradients
+                    rte = reward_model.reward_token_embedding(
+                        ro.rm_input_ids[idx].to(rt.device), ro.rm_attention_mask[idx].to(rt.device), grad=True
+                    )
+                else:  # R2M: the body is frozen, so the H_last cached at annotation is exact
+                    rte = ro.reward_token_embedding[idx.to(ro.reward_token_embedding.device)]
+                new = reward_model.rewards_from_embedding(rte, h, h_mask, omega_t).view(len(groups), K)  # (g, K)
+            pair_rewards = annotated[groups].to(new.device) if use_annotated else new.detach()  # (g, K)
+            loss = grebt_loss(new, pair_rewards, cfg.alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                w, l = grebt_pair(pair_rewards)
+                totals["rm/bt"] += bradley_terry_loss(new.gather(1, w).squeeze(1), new.gather(1, l).squeeze(1)).item()
+                totals["rm/gre"] += group_reward_entropy(new).item()
+                totals["rm/grebt"] += loss.item()
+            batches += 1
     return {k: v / batches for k, v in totals.items()}
 
 
@@ -855,10 +937,27 @@ def reward_model_update(
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Choice: dropout off in every model. PPO's ratio π_θ/π_old must be exactly 1 before the first update."""
+    """Choice: dropout off in every model. PPO's ratio π_θ/π_old must be exactly 1 before the first update.
+
+    Not only `nn.Dropout` modules: Hugging Face attention layers keep their dropout rate as a plain float
+    (GPT-NeoX's and Llama's `attention_dropout`) handed to the attention kernel in train mode, and some read
+    it from the config at run time, so every float attribute named "*dropout*" of a module or a config is
+    zeroed too."""
+
+    def zero_dropout_floats(obj) -> None:
+        for name, value in list(vars(obj).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(obj, name, 0.0)
+
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        zero_dropout_floats(module)
+        if hasattr(module, "config") and module.config is not None:
+            for config in (module.config, *(getattr(module.config, k) for k in vars(module.config)
+                                             if k.endswith("_config") and getattr(module.config, k) is not None)):
+                if hasattr(config, "__dict__"):
+                    zero_dropout_floats(config)
 
 
 def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, cfg: R2MConfig, rt: Runtime) -> None:
@@ -957,6 +1056,24 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
     return state["step"] + 1
 
 
+@torch.no_grad()
+def feedback_diagnostics(reward_model, feedback_init: Optional[list], feedback_reward: torch.Tensor,
+                         rewards: torch.Tensor) -> dict:
+    """Is R2M's mechanism engaged? (empty for reward modes without policy feedback)
+    - feedback/attn_rel_change: ‖θ - θ₀‖ / ‖θ₀‖ of the cross-attention since it was built;
+    - feedback/reward_var_share: Var((1 - ω)·w·Ĥ) / Var(r) over the step's annotated rewards, the share of
+      the reward's spread that the policy-feedback path carries (0 at ω = 1)."""
+    if feedback_init is None:
+        return {}
+    params = list(reward_model.policy_feedback.parameters())
+    delta = torch.sqrt(sum(((p - p0) ** 2).sum() for p, p0 in zip(params, feedback_init)))
+    origin = torch.sqrt(sum((p0**2).sum() for p0 in feedback_init))
+    return {
+        "feedback/attn_rel_change": (delta / origin).item(),
+        "feedback/reward_var_share": (feedback_reward.var() / rewards.var().clamp_min(1e-12)).item(),
+    }
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -1008,6 +1125,9 @@ def train(
         rm_params = list(reward_model.trainable_parameters(feedback=mode.feedback, body=mode.train_body))
         optimizers["reward_model"] = torch.optim.AdamW(rm_params, lr=cfg.rm_lr, weight_decay=0.0)
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, decay) for k, o in optimizers.items()}
+
+    # The cross-attention as built (a function of the seed alone): the origin of its relative weight change.
+    feedback_init = [p.detach().clone() for p in reward_model.policy_feedback.parameters()] if mode.feedback else None
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     start = 0
@@ -1072,8 +1192,10 @@ def train(
             "response/length": resp_len.mean().item(),
             "response/eos_frac": ro.contains_eos.float().mean().item(),
             "kl/sequence": kl_seq.mean().item(),
+            "kl/token": (kl_seq.sum() / resp_len.sum().clamp_min(1)).item(),  # the paper's Fig. 5 KL
             **pstats,
             **rstats,
+            **feedback_diagnostics(reward_model, feedback_init, ro.feedback_reward, rm_rewards),
             "lr/policy": schedulers["policy"].get_last_lr()[0],
             "time/rollout": t1 - t0,
             "time/reward": t2 - t1,

@@ -124,7 +124,7 @@ def build_reward(cfg: R2MConfig, rm: nn.Module, policy: nn.Module, rm_view: RMVi
         brme.fit_brme_from_file(ensemble, cfg.brme_preference_file, rm_view, cfg)
         return ensemble
     d_policy = policy.get_output_embeddings().in_features
-    return R2MRewardModel(rm, d_policy=d_policy, d_attn=cfg.d_attn)
+    return R2MRewardModel(rm, d_policy=d_policy, d_attn=cfg.d_attn, seed=cfg.seed)
 
 
 def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts: list[list[int]],

@@ -44,11 +44,15 @@ def test_bradley_terry_loss_hand_computed():
 
 def test_group_reward_entropy_hand_computed():
     r = torch.tensor([[0.0, 1.0]])
-    # mean 0.5, unbiased std sqrt(0.5); z = ±0.5/sqrt(0.5) = ±sqrt(0.5)
-    z = 0.5 / math.sqrt(0.5)
-    p1 = 1 / (1 + math.exp(-2 * z))
+    # mean 0.5, population std 0.5 (App. A, Defs. A.9-A.10: divide by K); z = ±1
+    p1 = 1 / (1 + math.exp(-2.0))
     expected = -(p1 * math.log(p1) + (1 - p1) * math.log(1 - p1))
     assert r2m.group_reward_entropy(r, eps=0.0).item() == pytest.approx(expected, rel=1e-6)
+    # K = 3: rewards 0, 0, 3 -> mean 1, population std sqrt(2); z = (-1, -1, 2) / sqrt(2)
+    z = torch.tensor([-1.0, -1.0, 2.0]) / math.sqrt(2.0)
+    p = torch.softmax(z, 0)
+    expected3 = -(p * p.log()).sum().item()
+    assert r2m.group_reward_entropy(torch.tensor([[0.0, 0.0, 3.0]]), eps=0.0).item() == pytest.approx(expected3, rel=1e-6)
 
 
 def test_gre_equal_rewards_give_zero_gradient():
