@@ -63,13 +63,18 @@ class R2MConfig:
     """Everything the training loop needs. Defaults are the paper's TL;DR settings (SPEC §5)."""
 
     # --- what to run -------------------------------------------------------------------------------
-    algo: str = field(default="rloo", metadata={"help": "Advantage estimator: 'rloo' (Eq. 1) or 'grpo'."})
+    algo: str = field(
+        default="rloo",
+        metadata={"help": "Advantage estimator: 'rloo' (Eq. 1), 'grpo', 'remax' (greedy-response baseline) or "
+                  "'reinforce_pp' (REINFORCE++: KL in the per-token reward, batch-normalised returns)."},
+    )
     reward: str = field(
         default="r2m",
         metadata={
             "help": "Reward mode: 'vanilla' (frozen RM), 'r2m', 'r2m_frozen' (feedback path never trained), "
             "'r2m_noise' (h replaced by Gaussian noise), 'iterative_head' (GREBT on the score head only), "
-            "'brme' (reward-robust ensemble). 'R2M w/o BT' / 'w/o GRE' are --alpha 1 / --alpha 0."
+            "'pretrained_rm' (RM body and head fine-tuned with BT before RL, then frozen), 'brme' (reward-robust "
+            "ensemble). 'R2M w/o BT' / 'w/o GRE' are --alpha 1 / --alpha 0."
         },
     )
     # --- sizes -------------------------------------------------------------------------------------
@@ -109,6 +114,13 @@ class R2MConfig:
         metadata={"help": "Rewards that pick GREBT's (winner, loser) pair: 'fresh' (recomputed with the fresh h' of the "
                   "last policy epoch, the paper's reading) or 'annotated' (this step's annotation-time rewards)."},
     )
+    # --- Pretrained RM baseline (paper §5, App. G.5) -----------------------------------------------------
+    pretrain_rm_preference_file: Optional[str] = field(
+        default=None, metadata={"help": "Pretrained RM: JSON-lines {prompt, chosen, rejected} to fine-tune the RM on."}
+    )
+    pretrain_rm_epochs: int = field(default=1, metadata={"help": "Pretrained RM: epochs over the preference pairs."})
+    pretrain_rm_lr: float = field(default=1e-6, metadata={"help": "Pretrained RM: AdamW learning rate (App. G.5: 1e-6)."})
+    pretrain_rm_batch_size: int = field(default=8, metadata={"help": "Pretrained RM: preference pairs per optimiser step."})
     # --- BRME (second paper) --------------------------------------------------------------------------
     brme_heads: int = field(default=5, metadata={"help": "BRME: number of Gaussian reward heads."})
     brme_lambda: float = field(default=0.4, metadata={"help": "BRME: λ in (1-λ)·r_nominal + λ·r_min."})
@@ -150,12 +162,19 @@ class R2MConfig:
 
     def validate(self) -> None:
         """Reject settings that cannot work, with a message that says what to change."""
-        if self.algo not in ("rloo", "grpo"):
-            raise ValueError(f"--algo must be 'rloo' or 'grpo', got {self.algo!r}")
+        if self.algo not in ALGOS:
+            raise ValueError(f"--algo must be one of {sorted(ALGOS)}, got {self.algo!r}")
         if self.reward not in REWARD_MODES:
             raise ValueError(f"--reward must be one of {sorted(REWARD_MODES)}, got {self.reward!r}")
-        if self.group_size < 2:
-            raise ValueError(f"--group_size must be at least 2 (leave-one-out / group std), got {self.group_size}")
+        if self.group_size < ALGOS[self.algo].min_group_size:
+            raise ValueError(f"--algo {self.algo} needs --group_size >= 2 (leave-one-out / group std), got {self.group_size}")
+        if REWARD_MODES[self.reward].train and self.group_size < 2:
+            raise ValueError(f"--reward {self.reward} trains on within-group pairs (GREBT): --group_size must be >= 2, "
+                             f"got {self.group_size}")
+        if self.group_size < 1:
+            raise ValueError(f"--group_size must be at least 1, got {self.group_size}")
+        if REWARD_MODES[self.reward].pretrain and not self.pretrain_rm_preference_file:
+            raise ValueError(f"--reward {self.reward} needs --pretrain_rm_preference_file (JSON lines: prompt, chosen, rejected)")
         if self.total_steps < 1:
             raise ValueError(
                 f"--total_trajectories {self.total_trajectories} is less than one step of "
@@ -219,6 +238,28 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return (rewards - rewards.mean(dim=1, keepdim=True)) / (_group_std(rewards, correction=1) + eps)
 
 
+def remax_advantages(rewards: torch.Tensor, greedy_rewards: torch.Tensor) -> torch.Tensor:
+    """(n, K), (n,) -> (n, K). ReMax (Li et al., 2023): A_ij = r_ij - r(x_i, ŷ_i), the baseline being the
+    reward of the policy's greedy response ŷ_i to the same prompt; every sample of a group shares it."""
+    return rewards - greedy_rewards[:, None]
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, eps: float = 1e-8
+) -> torch.Tensor:
+    """(N,), (N, R), (N, R) -> (N, R). REINFORCE++ (Hu, 2025), no critic: per-token rewards
+    r_t = -β·KL_t, plus the RM's score on the last response token; the return G_t = Σ_{t' >= t} r_t' (γ = 1);
+    advantages are the returns normalised over every response token of the whole batch (not per group).
+    kl: a per-token KL estimate of π_old against π_ref; mask: 1 on response tokens up to and including EOS."""
+    mask = mask.float()
+    token_rewards = -beta * kl * mask  # (N, R)
+    last = (mask.sum(dim=1) - 1).clamp_min(0).long()  # (N,) index of the last response token
+    token_rewards[torch.arange(len(rewards)), last] += rewards
+    returns = token_rewards.flip(1).cumsum(dim=1).flip(1)  # (N, R): G_t, the sum of future rewards
+    valid = returns[mask.bool()]
+    return (returns - valid.mean()) / (valid.std() + eps) * mask
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -231,14 +272,15 @@ def policy_loss(
     """Eq. 2, negated for gradient descent.
 
     logprobs, old_logprobs, ref_logprobs: (B, T) log-probs of the sampled response tokens under π_θ,
-    π_old and π_ref; advantages: (B,); mask: (B, T), 1 on response tokens up to and including EOS.
+    π_old and π_ref; advantages: (B,) one per response, or (B, T) one per token (REINFORCE++);
+    mask: (B, T), 1 on response tokens up to and including EOS.
     """
     mask = mask.bool()
     # Eq. 2: ρ = π_θ / π_old; surrogate = min(ρ·A, clip(ρ, 1-ε, 1+ε)·A).
     # Choice: ρ per token, as PPO / GRPO implementations do (TRL, OpenRLHF). The paper writes Eq. 2 with the
     # sequence-level ratio π_θ(y|x) / π_old(y|x); a product of 50-500 token ratios is clipped almost always.
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
-    adv = advantages[:, None]  # (B, 1): one advantage for every token of a response
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1) for every token, or (B, T)
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # (B, T)
     # Eq. 2: per-token KL(π_θ || π_ref) by the k3 estimator exp(q - p) - (q - p) - 1, p = log π_θ, q = log π_ref
     log_ratio_ref = ref_logprobs - logprobs  # (B, T), q - p
@@ -337,6 +379,34 @@ class HiddenStateCapture:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+class GenerationStateCapture(HiddenStateCapture):
+    """The same last-layer states, captured during `generate()` (ReMax's greedy baseline needs h for responses
+    it never runs a forward on). With a KV cache the prefill sees positions 0..P-1 and each decoding step one
+    more position, and transformers then hands the LM head only the last position (`logits_to_keep`), so the
+    hook sits on the backbone's output (its `last_hidden_state`, after the final norm: the LM head's input)
+    and concatenates the pieces -> `hidden` (N, P + R - 1, D_p), the positions whose outputs predicted a
+    token, as `HiddenStateCapture` gives with [:, :-1]."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__(policy)
+        self._pieces: list[torch.Tensor] = []
+        self._batches: list[torch.Tensor] = []
+
+    def _hook(self, module, inputs, output):
+        self._pieces.append(output[0].detach())  # (b, s, D_p): s = P at prefill, then 1 per decoding step
+
+    def __enter__(self) -> "GenerationStateCapture":
+        self._handle = self.policy.base_model.register_forward_hook(self._hook)
+        return self
+
+    def end_batch(self, length: int) -> None:
+        """Close one generate() call: (b, P + R' - 1, D_p), zero-padded to `length` when it stopped early."""
+        states = torch.cat(self._pieces, dim=1)[:, :length]
+        self._pieces = []
+        self._batches.append(F.pad(states, (0, 0, 0, length - states.shape[1])).cpu())
+        self.hidden = torch.cat(self._batches)  # (N, length, D_p)
 
 
 class PolicyFeedbackAttention(nn.Module):
@@ -463,10 +533,12 @@ class R2MRewardModel(FrozenRewardBody):
         if body:
             yield from self.reward_model.base_model.parameters()
 
+    save_body = False  # set when the body itself was trained (the Pretrained RM baseline)
+
     def trainable_state_dict(self) -> dict:
         state = {"policy_feedback": self.policy_feedback.state_dict(), "score_head": self.score_head.state_dict()}
-        if any(p.requires_grad for p in self.reward_model.base_model.parameters()):
-            state["body"] = self.reward_model.base_model.state_dict()  # whole-RM baseline only
+        if self.save_body or any(p.requires_grad for p in self.reward_model.base_model.parameters()):
+            state["body"] = self.reward_model.base_model.state_dict()  # whole-RM / pretrained-RM baselines only
         return state
 
     def load_trainable_state_dict(self, state: dict) -> None:
@@ -502,6 +574,49 @@ class R2MRewardModel(FrozenRewardBody):
         return self.reward_parts(rte, h, h_mask, omega)[0]
 
 
+def pretrain_reward_model(
+    reward_model: R2MRewardModel, chosen: tuple[torch.Tensor, torch.Tensor], rejected: tuple[torch.Tensor, torch.Tensor],
+    cfg: R2MConfig, rt: "Runtime",
+) -> tuple[float, float]:
+    """The "Pretrained RM" baseline (paper §5, App. G.5): before RL, fine-tune the whole RM (body and score
+    head φ) with the Bradley-Terry loss (Eq. 5) on preference pairs of the prompts the policy trains on;
+    RL then runs with it frozen (reward mode `pretrained_rm`, no policy feedback).
+    chosen, rejected: (ids (M, S), mask (M, S)) the RM's view of each pair's two responses.
+    Returns the RM's accuracy on these pairs (r_chosen > r_rejected) before and after.
+    Choice: AdamW without weight decay at --pretrain_rm_lr (App. G.5: 1e-6), --pretrain_rm_epochs passes in
+    shuffled minibatches, float32 master weights under the run's autocast, gradient-norm clip as the loop's."""
+    body = reward_model.reward_model
+    body.to(rt.device, torch.float32).requires_grad_(True)
+    reward_model.score_head.to(rt.device)
+    params = list(body.base_model.parameters()) + list(reward_model.score_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.pretrain_rm_lr, weight_decay=0.0)
+    M, g = chosen[0].shape[0], torch.Generator().manual_seed(cfg.seed)
+
+    def rewards(pair: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, grad: bool) -> torch.Tensor:  # (b,)
+        ids, mask = pair[0][rows].to(rt.device), pair[1][rows].to(rt.device)
+        with rt.autocast():
+            return reward_model.rewards_from_embedding(reward_model.reward_token_embedding(ids, mask, grad=grad))
+
+    @torch.no_grad()
+    def accuracy() -> float:
+        wins = [rewards(chosen, rows, False) > rewards(rejected, rows, False)
+                for rows in torch.arange(M).split(cfg.forward_batch_size)]
+        return torch.cat(wins).float().mean().item()
+
+    before = accuracy()
+    body.train()  # dropout was switched off by the caller; train mode only for what the model does in it
+    for _ in range(cfg.pretrain_rm_epochs):
+        for rows in torch.randperm(M, generator=g).split(cfg.pretrain_rm_batch_size):
+            loss = bradley_terry_loss(rewards(chosen, rows, True), rewards(rejected, rows, True))  # Eq. 5
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+    body.eval().requires_grad_(False)
+    reward_model.save_body = True  # the fine-tuned body is part of this run's state: checkpoints keep it
+    return before, accuracy()
+
+
 @dataclass(frozen=True)
 class RewardMode:
     """How a reward mode uses the reward model. Chosen once, in `REWARD_MODES`; the loop never branches
@@ -513,6 +628,7 @@ class RewardMode:
     ensemble: bool = False  # BRME: reward-robust ensemble instead of R2M (SPEC §6)
     train_body: bool = False  # also train the RM's whole LLM body (the costly alternative R2M avoids)
     annotated_pairs: bool = False  # GREBT pairs from the annotation-time rewards whatever --grebt_pairs says
+    pretrain: bool = False  # before RL, fine-tune the whole RM with Bradley-Terry on preference pairs (then frozen)
 
 
 # The R2M paper's baselines and ablations (SPEC §4) and BRME. w/o BT / w/o GRE are alpha = 1 / 0.
@@ -522,6 +638,7 @@ REWARD_MODES: dict[str, RewardMode] = {
     "r2m_frozen": RewardMode(feedback=True, noise=False, train=False),
     "r2m_noise": RewardMode(feedback=True, noise=True, train=True),
     "iterative_head": RewardMode(feedback=False, noise=False, train=True, annotated_pairs=True),  # App. G.5
+    "pretrained_rm": RewardMode(feedback=False, noise=False, train=False, pretrain=True),  # App. G.5
     "brme": RewardMode(feedback=False, noise=False, train=False, ensemble=True),
     # Not a method of the paper but its cost baseline: R2M with every RM parameter trainable, so the GREBT step
     # must run the RM body with gradients instead of reusing the cached H_last.
@@ -713,6 +830,49 @@ def make_rm_view(rm_tokenizer, render: Optional[Callable[[str, str], str]] = Non
     return rm_view
 
 
+def generate_responses(
+    policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, tokenizer, cfg: R2MConfig, rt: Runtime,
+    greedy: bool = False, capture: Optional[GenerationStateCapture] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query_ids, query_mask (N, P) left-padded -> response ids (N, R) padded after the first EOS, and the
+    response mask (N, R), 1 up to and including EOS. Batches of --generation_batch_size."""
+    from transformers import GenerationConfig
+
+    R, P = cfg.max_new_tokens, query_ids.shape[1]
+    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
+    # Temperature sampling and nothing else (top_k=0 switches off transformers' default top-k of 50), and
+    # nothing from the model's own generation_config.json (see `own_generation_config`), so the log-probs
+    # computed afterwards are those of the distribution sampled. ReMax's baseline decodes greedily instead.
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
+    gen_config = GenerationConfig(**sampling, max_new_tokens=R, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True)
+    responses = []
+    for s in range(0, len(query_ids), cfg.generation_batch_size):
+        ids = query_ids[s : s + cfg.generation_batch_size].to(rt.device)
+        mask = query_mask[s : s + cfg.generation_batch_size].to(rt.device)
+        with rt.autocast(), own_generation_config(policy), (capture or contextlib.nullcontext()):
+            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+        resp = out[:, P:]  # (b, R') with R' <= R: generation stops once every row has hit EOS
+        resp = F.pad(resp, (0, R - resp.shape[1]), value=pad_id)  # (b, R)
+        responses.append(resp.cpu())
+        if capture is not None:
+            capture.end_batch(P + R - 1)
+    return truncate_after_eos(torch.cat(responses), eos_id, pad_id)  # (N, R) each
+
+
+def rm_inputs(tokenizer, query_responses: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+              response_mask: torch.Tensor, row_prompt_texts: Optional[list[str]], rm_view: Optional[RMView],
+              rm_pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RM's view of each trajectory -> ids (N, S_rm), mask (N, S_rm): the same token ids when policy and RM
+    share a tokenizer, otherwise the raw prompt text and the decoded response, re-tokenised by the RM (in its
+    own chat template). row_prompt_texts: the raw prompt of each row."""
+    if rm_view is None:
+        return query_responses, attention_mask
+    texts = tokenizer.batch_decode(
+        [response_ids[i][response_mask[i].bool()] for i in range(len(response_ids))], skip_special_tokens=True
+    )
+    return pad_right([rm_view(row_prompt_texts[i], texts[i]) for i in range(len(texts))], rm_pad_id)
+
+
 @torch.no_grad()
 def rollout(
     policy: nn.Module,
@@ -729,35 +889,16 @@ def rollout(
     """1. Trajectory sampling: K responses per prompt from π_old = π_θ, with old and reference log-probs
     and the policy's last-layer hidden states captured during the old-log-prob forward (no extra pass).
     capture_hidden=False (reward modes without policy feedback) skips capturing and storing them."""
-    from transformers import GenerationConfig
-
-    K, R = cfg.group_size, cfg.max_new_tokens
-    pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
+    K = cfg.group_size
     policy.eval()
     # Every prompt is repeated K times, so group i occupies rows i*K .. i*K+K-1.
     queries = [p for p in prompts for _ in range(K)]
-    query_ids, query_mask = pad_left(queries, pad_id)  # (N, P)
+    query_ids, query_mask = pad_left(queries, pad_token_id(tokenizer))  # (N, P)
     P = query_ids.shape[1]
-    # Temperature sampling and nothing else (top_k=0 switches off transformers' default top-k of 50), and
-    # nothing from the model's own generation_config.json (see `own_generation_config`), so the log-probs
-    # below are those of the distribution sampled.
-    gen_config = GenerationConfig(
-        do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=R,
-        pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
-    )
-    responses = []
-    for s in range(0, len(queries), cfg.generation_batch_size):
-        ids = query_ids[s : s + cfg.generation_batch_size].to(rt.device)
-        mask = query_mask[s : s + cfg.generation_batch_size].to(rt.device)
-        with rt.autocast(), own_generation_config(policy):
-            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
-        resp = out[:, P:]  # (b, R') with R' <= R: generation stops once every row has hit EOS
-        resp = F.pad(resp, (0, R - resp.shape[1]), value=pad_id)  # (b, R)
-        responses.append(resp.cpu())
-    response_ids, response_mask = truncate_after_eos(torch.cat(responses), eos_id, pad_id)  # (N, R) each
+    response_ids, response_mask = generate_responses(policy, query_ids, query_mask, tokenizer, cfg, rt)  # (N, R)
     query_responses = torch.cat([query_ids, response_ids], dim=1)  # (N, P+R)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (N, P+R)
-    contains_eos = (response_ids == eos_id).any(dim=1) & (response_mask.sum(1) > 0)
+    contains_eos = (response_ids == tokenizer.eos_token_id).any(dim=1) & (response_mask.sum(1) > 0)
 
     # Old and reference log-probs. The policy's forward here also yields its hidden states via the hook.
     old, ref, hidden = [], [], []
@@ -771,15 +912,9 @@ def rollout(
         with rt.autocast():
             ref.append(sequence_logprobs(ref_policy, qr, am, P, cfg.temperature).cpu())
 
-    # The RM's view of each trajectory: the same token ids when policy and RM share a tokenizer, otherwise
-    # the raw prompt text and the decoded response, re-tokenised by the RM (in its own chat template).
-    if rm_view is None:
-        rm_ids, rm_mask = query_responses, attention_mask
-    else:
-        texts = tokenizer.batch_decode(
-            [response_ids[i][response_mask[i].bool()] for i in range(len(queries))], skip_special_tokens=True
-        )
-        rm_ids, rm_mask = pad_right([rm_view(prompt_texts[i // K], texts[i]) for i in range(len(queries))], rm_pad_id)
+    row_texts = [prompt_texts[i // K] for i in range(len(queries))] if prompt_texts is not None else None
+    rm_ids, rm_mask = rm_inputs(tokenizer, query_responses, attention_mask, response_ids, response_mask, row_texts,
+                                rm_view, rm_pad_id)
     return Rollout(
         query_responses=query_responses,
         attention_mask=attention_mask,
@@ -793,6 +928,34 @@ def rollout(
         contains_eos=contains_eos,
         prompt_len=P,
     )
+
+
+@torch.no_grad()
+def greedy_baseline(
+    policy: nn.Module, reward_model, tokenizer, prompts: list[list[int]], prompt_texts: Optional[list[str]],
+    omega_t: float, mode: RewardMode, cfg: R2MConfig, rt: Runtime, rm_view: Optional[RMView], rm_pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReMax's baseline (Li et al., 2023): the reward of the policy's greedy response to each prompt -> (n,)
+    rewards and (n,) contains-EOS. Part of the rollout phase: one greedy generation and one RM score per
+    prompt, scored exactly like the sampled responses (same reward mode, same ω(t)). With policy feedback,
+    h is captured during the greedy generation itself, so no policy forward is added."""
+    policy.eval()
+    query_ids, query_mask = pad_left(prompts, pad_token_id(tokenizer))  # (n, P)
+    capture = GenerationStateCapture(policy) if mode.feedback else None
+    response_ids, response_mask = generate_responses(policy, query_ids, query_mask, tokenizer, cfg, rt,
+                                                     greedy=True, capture=capture)  # (n, R)
+    query_responses = torch.cat([query_ids, response_ids], dim=1)  # (n, P+R)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    rm_ids, rm_mask = rm_inputs(tokenizer, query_responses, attention_mask, response_ids, response_mask,
+                                prompt_texts, rm_view, rm_pad_id)
+    greedy = Rollout(
+        query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
+        old_logprobs=None, ref_logprobs=None,  # a baseline is scored, never trained on
+        hidden=_to_host(capture.hidden, rt) if capture is not None else None,
+        hidden_mask=hidden_state_mask(attention_mask), rm_input_ids=rm_ids, rm_attention_mask=rm_mask,
+        contains_eos=(response_ids == tokenizer.eos_token_id).any(dim=1), prompt_len=query_ids.shape[1],
+    )
+    return annotate_rewards(reward_model, greedy, omega_t, mode, cfg, rt), greedy.contains_eos
 
 
 def _feedback_states(ro: Rollout, idx: torch.Tensor, mode: RewardMode, rt: Runtime):
@@ -830,11 +993,47 @@ def annotate_rewards(reward_model, ro: Rollout, omega_t: float, mode: RewardMode
     return torch.cat(rewards)
 
 
-def compute_advantages(rewards: torch.Tensor, algo: str) -> torch.Tensor:
-    """3. Advantages inside each group: (n, K) -> (n, K).
-    Choice: this is the only place RLOO and GRPO differ; both then use the same clipped surrogate with the
-    in-loss k3 KL (Eq. 2), as the R2M paper writes Eq. 2 for both."""
-    return rloo_advantages(rewards) if algo == "rloo" else grpo_advantages(rewards)
+@dataclass(frozen=True)
+class Algo:
+    """What an advantage estimator needs from the loop. Chosen once, in `ALGOS`."""
+
+    min_group_size: int = 2  # leave-one-out / group std need K >= 2
+    greedy_baseline: bool = False  # ReMax: the rollout phase also decodes and scores one greedy response per prompt
+    kl_in_loss: bool = True  # the β·KL term of Eq. 2; off where the KL already enters the reward
+
+
+ALGOS: dict[str, Algo] = {
+    "rloo": Algo(),  # Eq. 1
+    "grpo": Algo(),
+    "remax": Algo(min_group_size=1, greedy_baseline=True),
+    "reinforce_pp": Algo(min_group_size=1, kl_in_loss=False),
+}
+
+
+def with_missing_eos_penalty(rewards: torch.Tensor, contains_eos: torch.Tensor, cfg: R2MConfig) -> torch.Tensor:
+    """(N,) -> (N,). Choice (TL;DR convention, off by default): a response without EOS gets
+    --missing_eos_penalty as its reward for the policy; GREBT's pseudo-labels stay the RM's own rewards."""
+    if cfg.missing_eos_penalty is None:
+        return rewards
+    return torch.where(contains_eos, rewards, torch.full_like(rewards, cfg.missing_eos_penalty))
+
+
+def compute_advantages(rewards: torch.Tensor, ro: Rollout, greedy_rewards: Optional[torch.Tensor], cfg: R2MConfig) -> torch.Tensor:
+    """3. Advantages: rewards (n, K) -> (N,) one per response, or (N, R) one per token (REINFORCE++).
+    Choice: this is the only place the estimators differ; all then use the same clipped surrogate (Eq. 2),
+    as the R2M paper writes Eq. 2 for both RLOO and GRPO."""
+    if cfg.algo == "rloo":
+        return rloo_advantages(rewards).reshape(-1)
+    if cfg.algo == "grpo":
+        return grpo_advantages(rewards).reshape(-1)
+    if cfg.algo == "remax":
+        return remax_advantages(rewards, greedy_rewards).reshape(-1)
+    # REINFORCE++. Choice: the KL in the reward is the plain log-ratio log π_old - log π_ref per sampled
+    # token (OpenRLHF's default k1 estimator for it), measured once per step at sampling time; the in-loss
+    # k3 KL is then off (`ALGOS`), so β penalises the KL once; no group-mean baseline (that variant is
+    # "REINFORCE++-baseline"); with K > 1 every sample is its own trajectory in the batch normalisation.
+    kl = ro.old_logprobs - ro.ref_logprobs  # (N, R)
+    return reinforce_pp_advantages(rewards.reshape(-1), kl, ro.response_mask, cfg.beta)
 
 
 def policy_update(
@@ -868,7 +1067,7 @@ def policy_update(
                     advantages[micro].to(rt.device),
                     ro.response_mask[micro].to(rt.device),
                     cfg.clip_eps,
-                    cfg.beta,
+                    cfg.beta if ALGOS[cfg.algo].kl_in_loss else 0.0,
                 )
                 (loss / accumulation).backward()  # every micro-batch has the same size: exact mean
                 if refresh:
@@ -1105,7 +1304,7 @@ def train(
         raise ValueError("no prompts to train on")
     if rm_view is not None and (prompt_texts is None or len(prompt_texts) != len(prompts)):
         raise ValueError("an RM with its own tokenizer needs prompt_texts, one per prompt")
-    mode = REWARD_MODES[cfg.reward]
+    mode, algo = REWARD_MODES[cfg.reward], ALGOS[cfg.algo]
     if mode.ensemble != getattr(reward_model, "is_ensemble", False):
         raise ValueError(f"--reward {cfg.reward} needs {'a brme.BRMEReward' if mode.ensemble else 'an R2MRewardModel'}")
     T, K, n = cfg.total_steps, cfg.group_size, cfg.queries_per_step
@@ -1156,17 +1355,18 @@ def train(
 
         # 1. trajectory sampling (+ old/ref log-probs, + hidden states via the hook)
         ro = rollout(policy, ref_policy, tokenizer, batch, batch_texts, cfg, rt, rm_view, rm_pad_id, mode.feedback)
+        greedy_rewards = None
+        if algo.greedy_baseline:  # ReMax: one greedy response per prompt, scored like the samples (n,)
+            greedy_rewards, greedy_eos = greedy_baseline(policy, reward_model, tokenizer, batch, batch_texts, omega_t,
+                                                         mode, cfg, rt, rm_view, rm_pad_id)
+            greedy_rewards = with_missing_eos_penalty(greedy_rewards, greedy_eos, cfg)
         t1 = time.perf_counter()
         # 2. reward annotation
         rm_rewards = annotate_rewards(reward_model, ro, omega_t, mode, cfg, rt)  # (N,)
-        rewards = rm_rewards.clone()
-        if cfg.missing_eos_penalty is not None:
-            # Choice (TL;DR convention, off by default): the penalty replaces the policy's reward only;
-            # GREBT's pseudo-labels stay the RM's own rewards.
-            rewards[~ro.contains_eos] = cfg.missing_eos_penalty
+        rewards = with_missing_eos_penalty(rm_rewards, ro.contains_eos, cfg)
         t2 = time.perf_counter()
-        # 3. advantages inside each group
-        advantages = compute_advantages(rewards.view(n, K), cfg.algo).reshape(-1)  # (N,)
+        # 3. advantages (inside each group, or over the batch for REINFORCE++)
+        advantages = compute_advantages(rewards.view(n, K), ro, greedy_rewards, cfg)  # (N,) or (N, R)
         # 4. policy optimisation, with the hidden-state refresh in the last epoch
         pstats = policy_update(policy, optimizers["policy"], ro, advantages, cfg, rt)
         t3 = time.perf_counter()
@@ -1188,7 +1388,8 @@ def train(
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item(),
             "reward/rm_mean": rm_rewards.mean().item(),
-            "reward/group_std": rewards.view(n, K).std(dim=1).mean().item(),
+            "reward/group_std": rewards.view(n, K).std(dim=1).mean().item() if K > 1 else 0.0,
+            **({"reward/greedy_mean": greedy_rewards.mean().item()} if greedy_rewards is not None else {}),
             "response/length": resp_len.mean().item(),
             "response/eos_frac": ro.contains_eos.float().mean().item(),
             "kl/sequence": kl_seq.mean().item(),

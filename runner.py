@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 import brme
 from r2m import (
@@ -21,9 +22,13 @@ from r2m import (
     R2MConfig,
     R2MRewardModel,
     RMView,
+    disable_dropout,
     has_checkpoint,
     make_rm_view,
+    make_runtime,
+    pad_right,
     pad_token_id,
+    pretrain_reward_model,
     resolve_device,
     train,
 )
@@ -124,7 +129,29 @@ def build_reward(cfg: R2MConfig, rm: nn.Module, policy: nn.Module, rm_view: RMVi
         brme.fit_brme_from_file(ensemble, cfg.brme_preference_file, rm_view, cfg)
         return ensemble
     d_policy = policy.get_output_embeddings().in_features
-    return R2MRewardModel(rm, d_policy=d_policy, d_attn=cfg.d_attn, seed=cfg.seed)
+    reward_model = R2MRewardModel(rm, d_policy=d_policy, d_attn=cfg.d_attn, seed=cfg.seed)
+    if REWARD_MODES[cfg.reward].pretrain:
+        reward_model.save_body = True
+        if not (cfg.resume and has_checkpoint(cfg.output_dir)):  # else the fine-tuned body comes back with it
+            pretrain_reward_model_from_file(reward_model, cfg.pretrain_rm_preference_file, rm_view, cfg)
+    return reward_model
+
+
+def preference_views(path: str, rm_view: RMView) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A preference file (JSON lines {prompt, chosen, rejected}; responses as texts or chats) in the RM's view
+    -> chosen (ids, mask), rejected (ids, mask), each (M, S) right-padded."""
+    rows = load_rows(path, "train", ["prompt", "chosen", "rejected"])
+    return tuple(pad_right([rm_view(str(r["prompt"]), response_text(r[c])) for r in rows], 0) for c in ("chosen", "rejected"))
+
+
+def pretrain_reward_model_from_file(reward_model: R2MRewardModel, path: str, rm_view: RMView, cfg: R2MConfig) -> tuple[float, float]:
+    """The Pretrained RM baseline's fine-tuning on a preference file (see `r2m.pretrain_reward_model`)."""
+    chosen, rejected = preference_views(path, rm_view)
+    disable_dropout(reward_model.reward_model)
+    before, after = pretrain_reward_model(reward_model, chosen, rejected, cfg, make_runtime(cfg))
+    tqdm.write(f"Pretrained RM: BT fine-tuning of the whole RM on {len(chosen[0])} pairs from {path}, "
+               f"{cfg.pretrain_rm_epochs} epoch(s) at lr {cfg.pretrain_rm_lr:g}: pair accuracy {before:.3f} -> {after:.3f}")
+    return before, after
 
 
 def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts: list[list[int]],

@@ -44,6 +44,7 @@ PRESETS = {
         generation_batch_size=32, rm_minibatch_groups=4, save_every=4, sample_every=4, device="cpu",
         output_dir="runs/tiny_tldr", max_prompt_tokens=128,
         brme_preference_file=tiny.PREFERENCES_TINY, brme_epochs=10, brme_lr=3e-2,
+        pretrain_rm_preference_file=tiny.PREFERENCES_TINY, pretrain_rm_epochs=2, pretrain_rm_lr=1e-3,
     ),
 }
 

@@ -104,3 +104,24 @@ def test_brme_without_preference_file_is_a_clear_error(tmp_path):
     proc = run("train_tldr.py", "--preset", "tiny", "--reward", "brme", "--brme_preference_file", "",
                "--output_dir", str(tmp_path / "o"), check=False)
     assert proc.returncode != 0 and "needs --brme_preference_file" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script", ["train_tldr.py", "train_ultrafeedback.py"])
+@pytest.mark.parametrize("row", [("--algo", "remax"), ("--algo", "reinforce_pp"), ("--reward", "pretrained_rm")])
+def test_every_paper_row_runs_on_the_tiny_presets(tmp_path, script, row):
+    """ReMax, REINFORCE++ and the Pretrained RM run from both scripts; the fine-tuned RM is saved with the
+    checkpoint, so a resume does not fine-tune it again."""
+    import torch
+
+    out = str(tmp_path / "run")
+    first = run(script, "--preset", "tiny", *row, "--output_dir", out, "--total_trajectories", "64")
+    assert [m["step"] for m in metrics(out)] == [0, 1]
+    assert all(m["reward/mean"] == m["reward/mean"] for m in metrics(out))  # finite, not NaN
+    if row[1] == "pretrained_rm":
+        assert "Pretrained RM: BT fine-tuning" in first.stdout + first.stderr
+        state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=False)
+        assert "body" in state["reward_model"]
+        second = run(script, "--preset", "tiny", *row, "--output_dir", out, "--total_trajectories", "96",
+                     "--resume", "true")
+        assert "Pretrained RM: BT fine-tuning" not in second.stdout + second.stderr
+        assert [m["step"] for m in metrics(out)] == [0, 1, 2]

@@ -1,0 +1,197 @@
+"""The paper's other baselines: ReMax, REINFORCE++ and the Pretrained RM, on the same loop."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import r2m
+import runner
+import tiny
+
+
+def _cfg(tmp_path, **overrides) -> r2m.R2MConfig:
+    base = dict(
+        queries_per_step=8, group_size=4, total_trajectories=32 * 2, max_new_tokens=6, policy_lr=1e-3,
+        rm_lr=1e-2, d_attn=16, policy_minibatch_size=16, micro_batch_size=8, forward_batch_size=16,
+        generation_batch_size=32, rm_minibatch_groups=4, device="cpu", output_dir=str(tmp_path / "run"),
+        save_every=0, sample_every=0,
+    )
+    base.update(overrides)
+    return r2m.R2MConfig(**base)
+
+
+def test_remax_advantages_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 4.0], [0.0, -1.0, 3.0]])
+    greedy = torch.tensor([2.0, 1.0])
+    expected = torch.tensor([[-1.0, 0.0, 2.0], [-1.0, -2.0, 2.0]])
+    assert torch.equal(r2m.remax_advantages(rewards, greedy), expected)
+
+
+def test_reinforce_pp_returns_and_batch_normalisation_hand_computed():
+    # two responses, R = 3; the second ends after 2 tokens
+    rewards = torch.tensor([1.0, -2.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.9]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    beta = 0.5
+    # per-token rewards: -β·KL, plus the score on the last response token
+    # row 0: [-0.05, -0.10, -0.15 + 1] -> returns [0.70, 0.75, 0.85]
+    # row 1: [-0.20, -0.25 - 2]        -> returns [-2.45, -2.25]
+    returns = torch.tensor([0.70, 0.75, 0.85, -2.45, -2.25])
+    mean, std = returns.mean(), returns.std()
+    expected = torch.tensor([[0.70, 0.75, 0.85], [-2.45, -2.25, 0.0]])
+    expected = torch.where(mask.bool(), (expected - mean) / std, torch.zeros(()))
+    out = r2m.reinforce_pp_advantages(rewards, kl, mask, beta)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert out[mask.bool()].mean().abs() < 1e-6 and out[mask.bool()].std() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_policy_loss_takes_per_token_advantages():
+    lp = torch.tensor([[-1.0, -2.0]])
+    adv_tok = torch.tensor([[2.0, -1.0]])
+    loss, _ = r2m.policy_loss(lp, lp, lp, adv_tok, torch.ones(1, 2), clip_eps=0.2, beta=0.0)
+    assert loss.item() == pytest.approx(-(2.0 - 1.0) / 2)  # ratio 1: -mean(A_t)
+
+
+def test_greedy_baseline_is_greedy_and_its_states_are_the_policys(tmp_path, tokenizer, models, prompts):
+    """The baseline responses are exactly generate(do_sample=False); the hidden states captured during that
+    generation equal a plain forward's on the same sequences (so R2M can score the baseline with feedback)."""
+    from transformers import GenerationConfig
+
+    policy, _, rm = models
+    r2m.disable_dropout(policy)
+    cfg = _cfg(tmp_path, algo="remax", max_new_tokens=6)
+    rt = r2m.make_runtime(cfg)
+    batch = prompts[:5]
+    ids, mask = r2m.pad_left(batch, tokenizer.pad_token_id)
+    capture = r2m.GenerationStateCapture(policy)
+    response, response_mask = r2m.generate_responses(policy, ids, mask, tokenizer, cfg, rt, greedy=True, capture=capture)
+    gc = GenerationConfig(do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        expected = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gc)[:, ids.shape[1]:]
+    expected, _ = r2m.truncate_after_eos(
+        torch.nn.functional.pad(expected, (0, 6 - expected.shape[1]), value=tokenizer.pad_token_id),
+        tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert torch.equal(response, expected)
+    full = torch.cat([ids, response], 1)
+    full_mask = torch.cat([mask, response_mask], 1)
+    h, h_mask = r2m.policy_hidden_states(policy, full, full_mask)
+    assert capture.hidden.shape == h.shape
+    torch.testing.assert_close(capture.hidden[h_mask], h[h_mask], atol=1e-5, rtol=0)
+    # the baseline's reward is the RM's score of that greedy response, at the step's ω
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    mode = r2m.REWARD_MODES["r2m"]
+    greedy_rewards, _ = r2m.greedy_baseline(policy, reward_model, tokenizer, batch, None, 0.7, mode, cfg, rt, None, 0)
+    with torch.no_grad():
+        direct = reward_model(full, full_mask, h, h_mask, omega=0.7)
+    torch.testing.assert_close(greedy_rewards, direct, atol=1e-5, rtol=0)
+
+
+def _count_forwards(policy, ref_policy, rm):
+    counts = {"policy": 0, "generate_calls": 0, "ref": 0, "rm": 0}
+    original_generate = policy.generate
+
+    def generate(*a, **k):
+        counts["generate_calls"] += 1
+        in_generate[0] = True
+        try:
+            return original_generate(*a, **k)
+        finally:
+            in_generate[0] = False
+
+    in_generate = [False]
+    policy.generate = generate
+    policy.register_forward_hook(lambda *a: None if in_generate[0] else counts.__setitem__("policy", counts["policy"] + 1))
+    ref_policy.register_forward_hook(lambda *a: counts.__setitem__("ref", counts["ref"] + 1))
+    rm.base_model.register_forward_hook(lambda *a: counts.__setitem__("rm", counts["rm"] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("reward", ["vanilla", "r2m"])
+def test_remax_adds_one_greedy_generation_and_one_rm_score_per_prompt(tmp_path, tokenizer, models, prompts, reward):
+    policy, ref_policy, rm = models
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    cfg = _cfg(tmp_path, algo="remax", reward=reward, total_trajectories=32, forward_batch_size=8, micro_batch_size=4)
+    counts = _count_forwards(policy, ref_policy, rm)
+    history = r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
+    N, n = cfg.trajectories_per_step, cfg.queries_per_step
+    assert counts["generate_calls"] == 2  # the sampled responses, then the greedy baseline
+    assert counts["policy"] == N // 8 + cfg.policy_epochs * N // 4  # as RLOO: the baseline adds no policy forward
+    assert counts["ref"] == N // 8
+    assert counts["rm"] == N // 8 + math.ceil(n / 8)  # + one RM score per prompt
+    assert "reward/greedy_mean" in history[0]
+
+
+def test_remax_baseline_is_not_trained_on(tmp_path, tokenizer, models, prompts):
+    """The policy loss sees only the sampled responses: the greedy baseline changes the advantages only.
+    With every greedy reward forced to the group mean, ReMax's update equals a mean-baseline update."""
+    policy, ref_policy, rm = models
+    cfg = _cfg(tmp_path, algo="remax", reward="vanilla", total_trajectories=32)
+    rt = r2m.make_runtime(cfg)
+    torch.manual_seed(0)
+    ro = r2m.rollout(policy, ref_policy, tokenizer, prompts[:8], None, cfg, rt, None, 0, False)
+    assert ro.query_responses.shape[0] == cfg.trajectories_per_step  # no greedy rows in what is trained on
+    rewards = torch.randn(8, 4)
+    adv = r2m.compute_advantages(rewards, ro, greedy_rewards=rewards.mean(1), cfg=cfg)
+    torch.testing.assert_close(adv, (rewards - rewards.mean(1, keepdim=True)).reshape(-1))
+
+
+@pytest.mark.parametrize("algo", ["remax", "reinforce_pp"])
+def test_new_estimators_raise_a_fixed_reward(tmp_path, tokenizer, models, prompts, algo):
+    """As the RLOO / GRPO learning tests: a frozen tiny RM as a fixed reward, 16 steps."""
+    policy, ref_policy, rm = models
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    steps = 16
+    cfg = _cfg(tmp_path, algo=algo, reward="vanilla", total_trajectories=32 * steps, max_new_tokens=3,
+               beta=0.0, policy_lr=1e-2)
+    history = r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
+    rewards = [h["reward/mean"] for h in history]
+    start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert end - start > 1.0 * history[0]["reward/std"], (algo, [round(r, 3) for r in rewards])
+
+
+def test_reinforce_pp_has_no_in_loss_kl(tmp_path, tokenizer, models, prompts):
+    """β enters REINFORCE++ once, through the per-token reward: the loss's k3 term is off."""
+    assert r2m.ALGOS["reinforce_pp"].kl_in_loss is False and r2m.ALGOS["rloo"].kl_in_loss is True
+    policy, ref_policy, rm = models
+    cfg = _cfg(tmp_path, algo="reinforce_pp", reward="vanilla", beta=0.3)
+    rt = r2m.make_runtime(cfg)
+    torch.manual_seed(0)
+    ro = r2m.rollout(policy, ref_policy, tokenizer, prompts[:8], None, cfg, rt, None, 0, False)
+    adv = r2m.compute_advantages(torch.randn(8, 4), ro, None, cfg)
+    assert adv.shape == ro.response_mask.shape  # per token
+    seen = {}
+    original = r2m.policy_loss
+    r2m.policy_loss = lambda *a: seen.setdefault("beta", a[6]) is not None and original(*a)
+    try:
+        r2m.policy_update(policy, torch.optim.AdamW(policy.parameters(), lr=0.0), ro, adv, cfg, rt)
+    finally:
+        r2m.policy_loss = original
+    assert seen["beta"] == 0.0
+
+
+def test_pretrained_rm_fine_tuning_raises_pair_accuracy_and_trains_the_body(tmp_path, tokenizer, models):
+    _, _, rm = models
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    body_before = {k: v.clone() for k, v in rm.base_model.state_dict().items()}
+    cfg = _cfg(tmp_path, reward="pretrained_rm", pretrain_rm_preference_file=tiny.PREFERENCES_TINY,
+               pretrain_rm_epochs=3, pretrain_rm_lr=1e-3)
+    chosen, rejected = runner.preference_views(tiny.PREFERENCES_TINY, r2m.make_rm_view(tokenizer))
+    before, after = r2m.pretrain_reward_model(reward_model, chosen, rejected, cfg, r2m.make_runtime(cfg))
+    assert after > before + 0.1, (before, after)
+    assert any(not torch.equal(v, rm.base_model.state_dict()[k]) for k, v in body_before.items())
+    assert not any(p.requires_grad for p in rm.parameters())  # frozen again for RL
+    assert "body" in reward_model.trainable_state_dict()  # and kept by checkpoints
+
+
+def test_invalid_combinations_are_one_line_errors():
+    with pytest.raises(ValueError, match="--group_size"):
+        r2m.R2MConfig(algo="rloo", group_size=1, reward="vanilla").validate()
+    with pytest.raises(ValueError, match="GREBT"):
+        r2m.R2MConfig(algo="remax", group_size=1, reward="r2m").validate()
+    with pytest.raises(ValueError, match="pretrain_rm_preference_file"):
+        r2m.R2MConfig(reward="pretrained_rm").validate()
+    r2m.R2MConfig(algo="remax", group_size=1, reward="vanilla").validate()  # K = 1 is fine for ReMax
+    r2m.R2MConfig(algo="reinforce_pp", group_size=1, reward="r2m_frozen").validate()
