@@ -51,6 +51,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,6 +370,13 @@ class HiddenStateCapture:
 
     def _hook(self, module, inputs, output):
         self.hidden = inputs[0].detach()  # (B, S, D_p)
+
+    def pop(self) -> torch.Tensor:
+        """(B, S, D_p): the captured states, dropping our reference. Under autocast they are a float32 copy
+        of the final norm's output that nothing else keeps, so holding them through the next forward or a
+        backward would keep a (B, S, D_p) float32 tensor alive on the GPU for nothing."""
+        hidden, self.hidden = self.hidden, None
+        return hidden
 
     def __enter__(self) -> "HiddenStateCapture":
         if self.enabled:
@@ -731,10 +739,29 @@ def sequence_logprobs(
         use_cache=False,
     ).logits  # (B, P+R, V)
     # Logits at position s predict token s+1: the response tokens P..P+R-1 are predicted by P-1..P+R-2.
-    # Divide by the sampling temperature: these must be log-probs of the distribution we sampled from.
-    logits = logits[:, prompt_len - 1 : -1].float() / temperature  # (B, R, V)
+    logits = logits[:, prompt_len - 1 : -1]  # (B, R, V), still in the forward's dtype (bf16 under autocast)
     targets = query_responses[:, prompt_len:]  # (B, R)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, R)
+    # Choice: log p(tok) = logit_tok - logsumexp(logits), in float32, a few positions at a time, instead of one
+    # float32 log-softmax over every position's whole vocabulary (8 x 512 x 151,936 floats = 2.5 GB for Qwen,
+    # and as much again for its gradient). Same numbers within float rounding. With gradients each chunk is
+    # recomputed in backward (checkpoint), so only the bf16 logits are kept, never the float32 copies.
+    chunk = max(1, LOGPROB_CHUNK_ELEMENTS // (logits.shape[0] * logits.shape[2]))  # positions per chunk
+    pieces = [
+        torch.utils.checkpoint.checkpoint(_token_logprobs, lg, tg, temperature, use_reentrant=False)
+        if torch.is_grad_enabled() else _token_logprobs(lg, tg, temperature)
+        for lg, tg in zip(logits.split(chunk, dim=1), targets.split(chunk, dim=1))
+    ]
+    return torch.cat(pieces, dim=1)  # (B, R)
+
+
+LOGPROB_CHUNK_ELEMENTS = 2**27  # float32 logits per chunk in sequence_logprobs: 512 MiB
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, c, V), (B, c) -> (B, c): log-softmax of the temperature-scaled logits at the target tokens.
+    Divide by the sampling temperature: these must be log-probs of the distribution we sampled from."""
+    logits = logits.float() / temperature  # (B, c, V)
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
 def hidden_state_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -830,6 +857,30 @@ def make_rm_view(rm_tokenizer, render: Optional[Callable[[str, str], str]] = Non
     return rm_view
 
 
+@contextlib.contextmanager
+def generation_weights(policy: nn.Module, dtype: Optional[torch.dtype]):
+    """Swap the policy's float32 master weights for a `dtype` copy while it generates, then put them back.
+
+    Choice: on GPU the policy generates from bf16 weights. Under autocast alone its float32 residual stream
+    makes the KV cache float32 (twice the bytes), and autocast keeps its own bf16 copy of every weight for the
+    whole generate() call anyway. Swapping in a bf16 copy for generation only (about the same bytes as
+    autocast's copy, freed afterwards) halves the KV cache. A second bf16 model kept for generation and
+    refreshed after each update would cost those bytes in every phase, not just this one. Sampling is
+    unchanged in what it draws from (temperature softmax of the policy's logits), up to bf16 rounding that
+    the old log-probs, recomputed below with the float32 masters, do not share (as with any KV-cache decode)."""
+    if dtype is None:
+        yield
+        return
+    masters = [(p, p.data) for p in policy.parameters()]
+    for p, master in masters:
+        p.data = master.to(dtype)
+    try:
+        yield
+    finally:
+        for p, master in masters:
+            p.data = master
+
+
 def generate_responses(
     policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, tokenizer, cfg: R2MConfig, rt: Runtime,
     greedy: bool = False, capture: Optional[GenerationStateCapture] = None,
@@ -849,7 +900,8 @@ def generate_responses(
     for s in range(0, len(query_ids), cfg.generation_batch_size):
         ids = query_ids[s : s + cfg.generation_batch_size].to(rt.device)
         mask = query_mask[s : s + cfg.generation_batch_size].to(rt.device)
-        with rt.autocast(), own_generation_config(policy), (capture or contextlib.nullcontext()):
+        with rt.autocast(), generation_weights(policy, rt.autocast_dtype), own_generation_config(policy), \
+                (capture or contextlib.nullcontext()):
             out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
         resp = out[:, P:]  # (b, R') with R' <= R: generation stops once every row has hit EOS
         resp = F.pad(resp, (0, R - resp.shape[1]), value=pad_id)  # (b, R)
@@ -908,7 +960,7 @@ def rollout(
         with rt.autocast(), HiddenStateCapture(policy, enabled=capture_hidden) as cap:
             old.append(sequence_logprobs(policy, qr, am, P, cfg.temperature).cpu())
         if capture_hidden:
-            hidden.append(_to_host(cap.hidden[:, :-1], rt))  # (b, P+R-1, D_p): the last position predicts nothing
+            hidden.append(_to_host(cap.pop()[:, :-1], rt))  # (b, P+R-1, D_p): the last position predicts nothing
         with rt.autocast():
             ref.append(sequence_logprobs(ref_policy, qr, am, P, cfg.temperature).cpu())
 
@@ -1069,9 +1121,9 @@ def policy_update(
                     cfg.clip_eps,
                     cfg.beta if ALGOS[cfg.algo].kl_in_loss else 0.0,
                 )
+                if refresh:  # copied out before backward, so the float32 states are not held through it
+                    ro.hidden[micro] = cap.pop()[:, :-1].to(ro.hidden.device, ro.hidden.dtype)
                 (loss / accumulation).backward()  # every micro-batch has the same size: exact mean
-                if refresh:
-                    ro.hidden[micro] = cap.hidden[:, :-1].to(ro.hidden.device, ro.hidden.dtype)
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v
                 n_updates += 1
@@ -1079,6 +1131,9 @@ def policy_update(
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             ) * accumulation
             optimizer.step()
+    # Choice: free the gradients after the step's last update. Kept, they would sit on the GPU (as large as the
+    # policy's float32 weights) through the next step's generation, annotation and RM update for nothing.
+    optimizer.zero_grad(set_to_none=True)
     return {k: v / n_updates for k, v in stats.items()}
 
 
@@ -1317,12 +1372,15 @@ def train(
     # --- optimisers. Choice: AdamW without weight decay, learning rate decaying linearly to 0 over T, stepped
     # once per RL step; gradient-norm clip --max_grad_norm (1.0) for the policy and the RM head alike ------
     decay = lambda s: max(0.0, 1.0 - s / T)  # noqa: E731
-    optimizers = {"policy": torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=0.0)}
+    # Choice: fused AdamW on GPU: one kernel updates each tensor in place, where the default multi-tensor
+    # version makes full-size temporaries (as large as the policy's float32 weights) at the optimiser step.
+    fused = rt.device.type == "cuda"
+    optimizers = {"policy": torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=0.0, fused=fused)}
     if mode.train_body:  # Choice: the cost baseline trains the body in its stored dtype (bf16 on GPU): a lower
         reward_model.reward_model.base_model.requires_grad_(True)  # bound on what updating the whole RM costs
     if mode.train:
         rm_params = list(reward_model.trainable_parameters(feedback=mode.feedback, body=mode.train_body))
-        optimizers["reward_model"] = torch.optim.AdamW(rm_params, lr=cfg.rm_lr, weight_decay=0.0)
+        optimizers["reward_model"] = torch.optim.AdamW(rm_params, lr=cfg.rm_lr, weight_decay=0.0, fused=fused)
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, decay) for k, o in optimizers.items()}
 
     # The cross-attention as built (a function of the seed alone): the origin of its relative weight change.
