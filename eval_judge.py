@@ -80,7 +80,7 @@ class EvalArgs:
     retry_after_cap: float = field(default=60.0, metadata={"help": "Longest wait in seconds honoured from a server's Retry-After header."})
     max_consecutive_failures: int = field(default=3, metadata={"help": "Stop the run after this many examples in a row failed every retry (the endpoint looks down); 0 = never."})
     r2m_checkpoint: Optional[str] = field(default=None, metadata={"help": "rm judge / rm_accuracy: a training checkpoint/ folder; adds the R2M head with feedback from its policy."})
-    preference_file: Optional[str] = field(default=None, metadata={"help": "rm_accuracy: .jsonl with prompt, chosen, rejected."})
+    preference_file: Optional[str] = field(default=None, metadata={"help": "rm_accuracy: .jsonl or hub data set with prompt, chosen, rejected (hub split: --dataset_split, default train)."})
     seed: int = field(default=0, metadata={"help": "Seed of the per-example A/B order (and of sampling)."})
     device: str = field(default="auto", metadata={"help": "'auto', 'cuda' or 'cpu'."})
 
@@ -764,7 +764,7 @@ def run_mt_bench(args: EvalArgs) -> dict:
 def run_rm_accuracy(args: EvalArgs) -> dict:
     if not args.preference_file:
         raise SystemExit("error: --mode rm_accuracy needs --preference_file (prompt, chosen, rejected)")
-    rows = runner.load_rows(args.preference_file, "train", ["prompt", "chosen", "rejected"])[: args.limit]
+    rows = runner.load_rows(args.preference_file, args.dataset_split or "train", ["prompt", "chosen", "rejected"])[: args.limit]
     device = r2m.resolve_device(args.device)
     scorer = RewardScorer(args, device)
     pp = policy_prompt_fn(args.task, scorer.policy_tokenizer, args.max_prompt_tokens) if scorer.policy is not None else None
