@@ -503,12 +503,12 @@ def load_done(path: str, judge_name: str) -> dict[str, dict]:
     return done
 
 
-def judge_each(items: list[dict], ask: Callable[[dict], dict], judge_name: str, path: str,
-               max_consecutive_failures: int, unchanged: Callable[[dict, dict], bool]) -> list[dict]:
+def judge_each(items: list[dict], describe: Callable[[dict], dict], ask: Callable[[dict], dict], judge_name: str,
+               path: str, max_consecutive_failures: int, unchanged: Callable[[dict, dict], bool]) -> list[dict]:
     """The fault-tolerant loop shared by every judge: skip items judged before (if what was judged is unchanged),
-    ask for the rest, append each record to `path` as soon as it arrives. `ask(item)` returns the record;
-    JudgeFailed is recorded as a failed item; after `max_consecutive_failures` failed in a row the run stops
-    (everything recorded so far is kept, and a re-run resumes)."""
+    ask for the rest, append each record to `path` as soon as it arrives. A record is `describe(item)` (what was
+    judged) plus `ask(item)` (the judge's raw answer and verdict); JudgeFailed is recorded as verdict 'failed';
+    after `max_consecutive_failures` failed in a row the run stops (all recorded so far is kept; a re-run resumes)."""
     by_id = {str(i["id"]): i for i in items}
     done = {k: r for k, r in load_done(path, judge_name).items() if k in by_id and unchanged(r, by_id[k])}
     todo = [i for i in items if str(i["id"]) not in done]
@@ -517,13 +517,13 @@ def judge_each(items: list[dict], ask: Callable[[dict], dict], judge_name: str, 
     failed_in_a_row = 0
     with open(path, "a") as f:
         for item in tqdm(todo, desc=f"judge ({judge_name})"):
+            record = {"id": str(item["id"]), "judge": judge_name, **describe(item)}
             try:
-                record = ask(item)
+                record.update(ask(item))
                 failed_in_a_row = 0
             except JudgeFailed as e:
-                record = {"id": str(item["id"]), "verdict": "failed", "raw": None, "error": str(e)}
+                record.update(raw=None, verdict="failed", error=str(e))
                 failed_in_a_row += 1
-            record = {"id": str(item["id"]), "judge": judge_name, **record}
             f.write(json.dumps(record) + "\n")
             f.flush()
             done[record["id"]] = record
@@ -538,17 +538,19 @@ def judge_each(items: list[dict], ask: Callable[[dict], dict], judge_name: str, 
 def judge_all(rows: list[dict], judge, args: EvalArgs, path: str) -> list[dict]:
     """Pairwise: each policy response against its reference, in a fixed random order per example."""
 
+    def describe(r: dict) -> dict:
+        return {"prompt": r["prompt"], "policy_response": r["response"], "reference": r["reference"],
+                "policy_is_a": policy_is_a(args.seed, str(r["id"]))}
+
     def ask(r: dict) -> dict:
         a_is_policy = policy_is_a(args.seed, str(r["id"]))
         a, b = (r["response"], r["reference"]) if a_is_policy else (r["reference"], r["response"])
-        record = {"prompt": r["prompt"], "policy_response": r["response"], "reference": r["reference"],
-                  "policy_is_a": a_is_policy}
         result = judge(r["prompt"], a, b)  # JudgeFailed goes up to judge_each, which records it
         verdict = "tie" if result["letter"] == "tie" else policy_outcome(result["letter"], a_is_policy)
-        return {**record, "raw": result["raw"], "verdict": verdict}
+        return {"raw": result["raw"], "verdict": verdict}
 
     same = lambda record, r: record.get("policy_response") == r["response"]  # noqa: E731 - regenerated => judge again
-    return judge_each(rows, ask, judge.name, path, args.max_consecutive_failures, same)
+    return judge_each(rows, describe, ask, judge.name, path, args.max_consecutive_failures, same)
 
 
 def load_eval_rows(args: EvalArgs) -> list[dict]:
@@ -733,18 +735,18 @@ def run_mt_bench(args: EvalArgs) -> dict:
     items = [{"id": f"{q['question_id']}/turn{t}", "question": q, "turn": t, "answers": answers[q["question_id"]][:t]}
              for q in questions for t in (1, 2)]
 
+    def describe(item: dict) -> dict:
+        return {"question_id": item["question"]["question_id"], "category": item["question"]["category"],
+                "turn": item["turn"], "answers": item["answers"]}
+
     def ask(item: dict) -> dict:
         text = client(mt_bench_grading_prompt(item["question"], item["answers"], item["turn"]))
         score = parse_rating(text)
-        return {"question_id": item["question"]["question_id"], "category": item["question"]["category"],
-                "turn": item["turn"], "answers": item["answers"], "raw": text, "score": score,
-                "verdict": "unparseable" if score is None else "rated"}
+        return {"raw": text, "score": score, "verdict": "unparseable" if score is None else "rated"}
 
     same = lambda record, item: record.get("answers") == item["answers"]  # noqa: E731 - new answers => grade again
-    records = judge_each(items, ask, name, os.path.join(args.output_dir, "judgments.jsonl"),
+    records = judge_each(items, describe, ask, name, os.path.join(args.output_dir, "judgments.jsonl"),
                          args.max_consecutive_failures, same)
-    for r, item in zip(records, items):  # failed records carry no question fields: give them theirs
-        r.setdefault("turn", item["turn"]), r.setdefault("category", item["question"]["category"])
     summary = {"task": "mt_bench", "judge": name, "temperature": args.temperature if args.policy else None,
                **summarise_mt_bench(records)}
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:

@@ -74,25 +74,31 @@ def test_mt_bench_grades_each_turn_and_resumes(tmp_path, dialogue_policy, monkey
     server = ScriptedServer(default=grader)
     args = ["--task", "mt_bench", "--policy", dialogue_policy, "--dataset", tiny.MT_BENCH_TINY, "--max_new_tokens", "6",
             "--api_base_url", server.url, "--api_key_env", "TEST_JUDGE_KEY", "--api_model", "grader-x",
-            "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--retry_backoff", "0.01"]
+            "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--retry_backoff", "0.01", "--max_retries", "2"]
     try:
-        summary = eval_judge.main(args)
+        requests = server.requests  # every grading prompt, kept for the checks below
+        server.script = ["500"] * 3  # the first grade fails every retry (max_retries 2): counted apart, retried later
+        first = eval_judge.main(args)
+        assert (first["rated"], first["unparseable"], first["failed"]) == (4, 1, 1) and len(server.requests) == 6 + 2
+        assert first["categories"]["writing"] == pytest.approx(4.0)  # only its graded turn counts
+        server.requests = []
+        summary = eval_judge.main(args)  # resume: only the failed grade is asked again
+        assert len(server.requests) == 1
         # turn 1: writing 7, math 9 (graded against its reference), roleplay unparseable; turn 2: 4, 4, 4
         assert (summary["rated"], summary["unparseable"], summary["failed"], summary["turns"]) == (5, 1, 0, 6)
         assert summary["turn_1"] == pytest.approx(8.0) and summary["turn_2"] == pytest.approx(4.0)
         assert summary["score"] == pytest.approx((7 + 9 + 4 + 4 + 4) / 5)
         assert summary["categories"] == pytest.approx({"math": 6.5, "roleplay": 4.0, "writing": 5.5})
         prompts = {(r["body"]["messages"][0]["content"].count("second one"), q): r["body"]["messages"][0]["content"]
-                   for r in server.requests for q in ("3 + 4", "landlord") if q in r["body"]["messages"][0]["content"]}
+                   for r in requests for q in ("3 + 4", "landlord") if q in r["body"]["messages"][0]["content"]}
         assert "[Reference answer]\n7" in prompts[(0, "3 + 4")]  # math: reference-guided
         assert "To the second question: 12" in prompts[(1, "3 + 4")]
         assert "Reference" not in prompts[(0, "landlord")]  # writing: no reference
         answers = eval_judge.read_jsonl(str(tmp_path / "out" / "mt_bench_answers.jsonl"))
         assert [a["question_id"] for a in answers] == [81, 111, 91] and all(len(a["answers"]) == 2 for a in answers)
         assert prompts[(1, "landlord")].count(answers[0]["answers"][0]) >= 1  # turn 2 is graded in context
-        assert len(server.requests) == 6
         # resume: the same answers (same seed) are graded already, the unparseable one included
-        server.requests.clear()
+        server.requests = []
         again = eval_judge.main(args)
         assert server.requests == [] and again == summary
     finally:
