@@ -101,6 +101,14 @@ def _transport(backend: DeadlineBackend):
     return transport
 
 
+def api_key(key_env: str) -> str:
+    """The key from the environment, or a one-line error naming the variable (never the key)."""
+    key = os.environ.get(key_env)
+    if not key:
+        raise SystemExit(f"error: the api judge needs an API key in the environment variable {key_env}")
+    return key
+
+
 def retry_after_seconds(headers) -> Optional[float]:
     """The server's Retry-After (seconds, or an HTTP date), or None."""
     value = headers.get("retry-after") if headers is not None else None
@@ -133,9 +141,7 @@ class ChatClient:
 
     def __init__(self, base_url: str, model: str, key_env: str, timeout: float, max_retries: int,
                  retry_backoff: float, retry_after_cap: float, max_tokens: int = 256):
-        key = os.environ.get(key_env)
-        if not key:
-            raise SystemExit(f"error: the api judge needs an API key in the environment variable {key_env}")
+        key = api_key(key_env)
         try:
             import openai
         except ImportError:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 import r2m
 import runner
-from api_client import ChatClient, JudgeFailed
+from api_client import ChatClient, JudgeFailed, api_key
 
 # ----------------------------------------------------------------------------------------------------
 # Flags
@@ -606,12 +606,10 @@ def run_judge(args: EvalArgs) -> dict:
         if not args.judge_model:
             raise SystemExit("error: the hf judge needs --judge_model")
         judge = HFJudge(args, template, device)
-    elif args.judge == "rm":
+    else:  # rm (main() checked the name)
         scorer = RewardScorer(args, device)
         pp = policy_prompt_fn(args.task, scorer.policy_tokenizer, args.max_prompt_tokens) if scorer.policy is not None else None
         judge = RMJudge(scorer, pp)
-    else:
-        raise SystemExit(f"error: --judge must be 'api', 'hf', 'rm' or 'none', got {args.judge!r}")
     records = judge_all(rows, judge, args, os.path.join(args.output_dir, "judgments.jsonl"))
     # 3. report
     summary = {"task": args.task, "judge": judge.name, "temperature": args.temperature if args.policy else None,
@@ -705,6 +703,7 @@ def mt_bench_answers(args: EvalArgs, questions: list[dict], device: torch.device
             f.write(json.dumps({"question_id": q["question_id"], "category": q["category"], "turns": q["turns"],
                                 "answers": [a1, a2], "generator": args.generator_name,
                                 "temperature": args.temperature}) + "\n")
+    print(f"wrote {f.name} ({len(questions)} questions, two answers each)")
     return {q["question_id"]: [a1, a2] for q, a1, a2 in zip(questions, first, second)}
 
 
@@ -806,6 +805,10 @@ def main(argv=None) -> dict:
         return run_rm_accuracy(args)
     if args.mode != "judge":
         raise SystemExit(f"error: --mode must be 'judge' or 'rm_accuracy', got {args.mode!r}")
+    if args.judge not in ("api", "hf", "rm", "none"):
+        raise SystemExit(f"error: --judge must be 'api', 'hf', 'rm' or 'none', got {args.judge!r}")
+    if args.judge == "api":
+        api_key(args.api_key_env)  # a missing key fails now, not after a long generation
     return run_mt_bench(args) if args.task == "mt_bench" else run_judge(args)
 
 
