@@ -19,6 +19,8 @@ TLDR_TINY = os.path.join(DATA_DIR, "tldr_tiny.jsonl")  # prompts (+ reference su
 TLDR_TINY_TEST = os.path.join(DATA_DIR, "tldr_tiny_test.jsonl")  # held-out prompts + references, for eval
 PREFERENCES_TINY = os.path.join(DATA_DIR, "preferences_tiny.jsonl")  # {prompt, chosen, rejected} pairs
 ULTRAFEEDBACK_TINY = os.path.join(DATA_DIR, "ultrafeedback_tiny.jsonl")  # UltraFeedback-binarized format
+ALPACA_EVAL_TINY = os.path.join(DATA_DIR, "alpaca_eval_tiny.json")  # AlpacaEval 2's alpaca_eval.json format
+MT_BENCH_TINY = os.path.join(DATA_DIR, "mt_bench_tiny.jsonl")  # FastChat's MT-Bench question.jsonl format
 
 SUBREDDITS = ["relationships", "AskReddit", "personalfinance", "cooking", "running", "jobs"]
 NOUNS = ["roommate", "boss", "dog", "landlord", "sister", "car", "apartment", "garden", "bike", "friend",
@@ -87,6 +89,27 @@ def synthetic_preference_rows(n: int, seed: int = 0, contradictory: float = 0.0)
             spam = " " + " ".join([rng.choice(NOUNS)] * rng.randint(3, 8))
             rows.append({"prompt": prompt, "chosen": " " + _sentence(rng), "rejected": spam, "kind": "consistent"})
     return rows
+
+
+def synthetic_alpaca_eval_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows in the format of AlpacaEval 2's alpaca_eval.json: instruction, output (the reference model's answer),
+    generator (that model's name), dataset (the instruction's source)."""
+    rows = synthetic_ultrafeedback_rows(n, seed)
+    return [{"instruction": r["prompt"], "output": r["chosen"][-1]["content"], "generator": "tiny_reference",
+             "dataset": ["helpful_base", "oasst", "koala"][i % 3]} for i, r in enumerate(rows)]
+
+
+def synthetic_mt_bench_questions() -> list[dict]:
+    """Questions in the format of FastChat's MT-Bench question.jsonl: question_id, category, two turns, and a
+    reference answer per turn for the categories graded against one (math, reasoning, coding)."""
+    return [
+        {"question_id": 81, "category": "writing", "turns": ["Write a short note to my landlord about the rent.",
+                                                               "Now make it more polite."]},
+        {"question_id": 111, "category": "math", "turns": ["What is 3 + 4?", "And 3 times 4?"],
+         "reference": ["7", "12"]},
+        {"question_id": 91, "category": "roleplay", "turns": ["Pretend to be my dog and tell me about your day.",
+                                                                "What did you think of the cat?"]},
+    ]
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
@@ -208,9 +231,13 @@ def main() -> None:
         PREFERENCES_TINY: synthetic_preference_rows(256, seed=1),
         ULTRAFEEDBACK_TINY: synthetic_ultrafeedback_rows(64, seed=2),
     }
+    files[MT_BENCH_TINY] = synthetic_mt_bench_questions()
     for path, rows in files.items():
         write_jsonl(path, rows)
         print(f"wrote {path} ({len(rows)} rows)")
+    with open(ALPACA_EVAL_TINY, "w") as f:  # AlpacaEval's files are one JSON list, not JSON lines
+        json.dump(synthetic_alpaca_eval_rows(6, seed=5), f, indent=1)
+    print(f"wrote {ALPACA_EVAL_TINY} (6 rows)")
 
 
 if __name__ == "__main__":

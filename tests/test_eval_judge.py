@@ -3,6 +3,7 @@
 import http.server
 import json
 import os
+import socket
 import threading
 import time
 
@@ -18,7 +19,12 @@ KEY = "sk-test-SECRET-9f8e7d"
 
 class ScriptedServer:
     """An OpenAI-compatible /chat/completions on 127.0.0.1. `script` is a list of actions taken one per
-    request ('500', 'sleep', 'garbled', or reply text); when it runs out, `default` answers."""
+    request; when it runs out, `default` answers (reply text, or a function of the request body giving it).
+    Actions: reply text; '500'; 'sleep' (longer than the client's timeout, then the default); or a dict:
+    {"status": code[, "location": url][, "retry_after": s]} an error or redirect with an empty body;
+    {"body": json} a 200 with that JSON; {"raw_body": bytes} a 200 with those bytes;
+    {"cut_body": True} a 200 announcing 328 bytes that closes after 109; {"trickle": s} the whole reply
+    (headers included) one byte every s seconds."""
 
     def __init__(self, default="The first is tighter.\nPreferred: A"):
         self.script, self.default, self.requests = [], default, []
@@ -28,10 +34,25 @@ class ScriptedServer:
             def log_message(self, *a):
                 pass
 
+            def do_GET(self):  # only a followed redirect would come here
+                outer.requests.append({"method": "GET", "auth": self.headers.get("Authorization"), "time": time.monotonic()})
+                self._send(200, json.dumps({"choices": [{"message": {"content": "Preferred: B"}}]}).encode())
+
+            def _send(self, status, data, headers=()):
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"auth": self.headers.get("Authorization"), "body": body})
+                outer.requests.append({"method": "POST", "auth": self.headers.get("Authorization"), "body": body,
+                                       "time": time.monotonic()})
                 action = outer.script.pop(0) if outer.script else outer.default
+                if callable(action):
+                    action = action(body)
                 if action == "500":
                     self.send_response(500)
                     self.end_headers()
@@ -39,13 +60,38 @@ class ScriptedServer:
                 if action == "sleep":
                     time.sleep(1.0)  # longer than the client's timeout
                     action = outer.default
-                reply = {"choices": [{"message": {"role": "assistant", "content": action}}]}
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                if isinstance(action, dict) and "status" in action:
+                    headers = [("Location", action["location"])] if "location" in action else []
+                    headers += [("Retry-After", action["retry_after"])] if "retry_after" in action else []
+                    return self._send(action["status"], b"", headers)
+                if isinstance(action, dict) and "body" in action:
+                    return self._send(200, json.dumps(action["body"]).encode(), [("Content-Type", "application/json")])
+                if isinstance(action, dict) and "raw_body" in action:
+                    return self._send(200, action["raw_body"], [("Content-Type", "application/json")])
+                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": "x" * 250}}]}).encode()
+                if isinstance(action, dict) and "cut_body" in action:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "328")
+                    self.end_headers()
+                    self.wfile.write(reply[:109])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                if isinstance(action, dict) and "trickle" in action:
+                    raw = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(reply)
+                           + reply)
+                    try:
+                        for i in range(len(raw)):
+                            self.wfile.write(raw[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(action["trickle"])
+                    except OSError:
+                        pass  # the client gave up, as it should
+                    self.close_connection = True
+                    return
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": action}}]}).encode()
+                self._send(200, data, [("Content-Type", "application/json")])
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -53,10 +99,13 @@ class ScriptedServer:
 
     def close(self):
         self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 @pytest.fixture
 def server(monkeypatch):
+    # the API judge's client is the optional `openai` package (.ci/run installs it)
+    pytest.importorskip("openai", reason="the api judge needs `pip install openai`, which is not installed here")
     monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
     s = ScriptedServer()
     yield s
@@ -93,6 +142,17 @@ def test_verdict_parsing():
     assert eval_judge.parse_verdict("I prefer A") is None
     assert eval_judge.parse_verdict("Preferred: Both") is None
     assert eval_judge.parse_verdict("") is None
+    # decorations of a clear answer are accepted ...
+    assert eval_judge.parse_verdict("**Preferred**: B") == "B"
+    assert eval_judge.parse_verdict("Preferred: Summary B") == "B"
+    assert eval_judge.parse_verdict("**Preferred:** Reply A.") == "A"
+    assert eval_judge.parse_verdict("Preferred: (B), it is shorter") == "B"
+    assert eval_judge.parse_verdict("Preferred: A is a tighter summary") == "A"
+    # ... but naming both sides, or neither, is unparseable, never a guess
+    assert eval_judge.parse_verdict("Preferred: A or B") is None
+    assert eval_judge.parse_verdict("Preferred: A/B") is None
+    assert eval_judge.parse_verdict("Preferred: Summary A over Summary B") is None
+    assert eval_judge.parse_verdict("Preferred: neither") is None
 
 
 def test_order_unflipping():
@@ -157,7 +217,8 @@ def test_retry_after_500_and_after_timeout_then_failed_and_unparseable(tmp_path,
     assert server.requests == []
 
 
-@pytest.mark.parametrize("case", ["missing_column", "id_mismatch", "empty", "repeated_ids", "no_key"])
+@pytest.mark.parametrize("case", ["missing_column", "id_mismatch", "empty", "repeated_ids", "no_key", "not_an_object",
+                                  "missing_references"])
 def test_bad_input_fails_before_any_judge_call(tmp_path, server, monkeypatch, case):
     responses = tmp_path / "responses.jsonl"
     rows = write_responses(responses, n=3)
@@ -172,12 +233,140 @@ def test_bad_input_fails_before_any_judge_call(tmp_path, server, monkeypatch, ca
         responses.write_text("")
     elif case == "repeated_ids":
         responses.write_text("\n".join(json.dumps({**r, "id": "same"}) for r in rows))
+    elif case == "not_an_object":  # valid JSON, but not a row
+        responses.write_text(json.dumps(rows[0]) + "\n5\n")
+    elif case == "missing_references":
+        extra["references"] = tmp_path / "no_such_refs.json"  # an alpaca_eval-style reference file
     else:
         monkeypatch.delenv("TEST_JUDGE_KEY")
     with pytest.raises(SystemExit) as e:
         eval_judge.main(api_args(tmp_path, server, responses, **extra))
-    assert str(e.value).startswith("error:")
+    assert str(e.value).startswith("error:") and "\n" not in str(e.value)
     assert server.requests == []
+
+
+# ---- network faults, each against the scripted server ---------------------------------------------------------
+
+
+def test_connection_dropped_mid_body_is_retried(tmp_path, server):
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=2)
+    server.script = [{"cut_body": True}, "Preferred: A", {"cut_body": True}, {"cut_body": True}, {"cut_body": True}]
+    summary = eval_judge.main(api_args(tmp_path, server, responses))
+    recs = {r["id"]: r for r in judgments(tmp_path)}
+    assert recs["ex0"]["verdict"] in ("win", "loss")  # the second try succeeded
+    assert recs["ex1"]["verdict"] == "failed" and "RemoteProtocolError" in recs["ex1"]["error"]
+    assert summary["failed"] == 1 and len(server.requests) == 5
+
+
+def test_reply_of_the_wrong_shape_is_a_failed_attempt(tmp_path, server):
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=2)
+    # ex0: choices null, a JSON list, not JSON at all, then a good reply; ex1: malformed every time
+    server.script = [{"body": {"choices": None}}, {"body": [1, 2]}, {"raw_body": b"<html>busy</html>"}, "Preferred: A",
+                     {"body": {"choices": [{"message": {"content": None}}]}}, {"body": 5}, {"body": {}}, {"body": "x"}]
+    summary = eval_judge.main(api_args(tmp_path, server, responses, max_retries=3))
+    recs = {r["id"]: r for r in judgments(tmp_path)}
+    assert recs["ex0"]["verdict"] in ("win", "loss")
+    assert recs["ex1"]["verdict"] == "failed" and recs["ex1"]["error"].startswith("malformed response")
+    assert summary["failed"] == 1 and len(server.requests) == 8
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_redirect_to_another_origin_stops_and_never_reaches_it(tmp_path, server, status):
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=3)
+    other = ScriptedServer(default="Preferred: B")
+    try:
+        server.script = [{"status": status, "location": other.url + "/chat/completions"}]
+        with pytest.raises(SystemExit) as e:
+            eval_judge.main(api_args(tmp_path, server, responses))
+        assert other.requests == []  # neither the key nor the request went there
+    finally:
+        other.close()
+    message = str(e.value)
+    assert message.startswith("error:") and str(status) in message and "redirect" in message and KEY not in message
+    assert len(server.requests) == 1
+    assert not os.path.exists(tmp_path / "out" / "judgments.jsonl") or judgments(tmp_path) == []
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_auth_and_not_found_stop_at_once_recording_nothing(tmp_path, server, status):
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=3)
+    server.default = {"status": status}
+    with pytest.raises(SystemExit) as e:
+        eval_judge.main(api_args(tmp_path, server, responses))
+    message = str(e.value)
+    assert message.startswith("error:") and "\n" not in message and KEY not in message
+    assert f"HTTP {status}" in message and server.url + "/chat/completions" in message
+    assert len(server.requests) == 1  # not retried, not tried for the other examples
+    assert not os.path.exists(tmp_path / "out" / "judgments.jsonl") or judgments(tmp_path) == []
+
+
+def test_failed_examples_make_the_run_exit_non_zero(tmp_path, server, capsys):
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=3)
+    server.script = ["Preferred: A", "500", "500", "500"]  # ex1 fails every retry (max_retries 2)
+    assert eval_judge.cli(api_args(tmp_path, server, responses)) == eval_judge.EXIT_FAILED_EXAMPLES
+    err = capsys.readouterr().err
+    assert "1 examples failed" in err and "same --output_dir" in err
+    assert eval_judge.cli(api_args(tmp_path, server, responses)) == 0  # the re-run retries ex1 only, and succeeds
+    assert len(server.requests) == 5 + 1
+
+
+def test_retry_after_is_honoured_and_capped(tmp_path, server):
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=2)
+    server.script = [{"status": 429, "retry_after": "1"}, "Preferred: A", {"status": 503, "retry_after": "3600"}, "Preferred: A"]
+    eval_judge.main(api_args(tmp_path, server, responses, retry_after_cap=1.5))  # back-off alone would be 0.01 s
+    t = [r["time"] for r in server.requests]
+    assert len(t) == 4 and 0.95 <= t[1] - t[0] < 1.4  # waited what the server asked
+    assert 1.45 <= t[3] - t[2] < 2.5  # ... but never longer than the cap
+    assert all(r["verdict"] in ("win", "loss") for r in judgments(tmp_path))
+
+
+def test_a_trickling_server_cannot_hold_a_call_past_the_timeout(tmp_path, server):
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=1)
+    server.script = [{"trickle": 0.02}]  # about 8 s for the whole reply, each byte well inside the read timeout
+    start = time.monotonic()
+    summary = eval_judge.main(api_args(tmp_path, server, responses, max_retries=0, api_timeout=0.5))
+    assert time.monotonic() - start < 3.0
+    (rec,) = judgments(tmp_path)
+    assert summary["failed"] == 1 and rec["verdict"] == "failed" and "Timeout" in rec["error"]
+
+
+def test_a_dead_endpoint_stops_the_run_and_a_rerun_resumes(tmp_path, server):
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=6)
+    dead = ScriptedServer()
+    dead.close()  # nothing listens on its port any more
+    args = api_args(tmp_path, dead, responses, max_consecutive_failures=2)
+    with pytest.raises(SystemExit) as e:
+        eval_judge.main(args)
+    assert str(e.value).startswith("error: 2 examples in a row failed") and "same --output_dir" in str(e.value)
+    assert [r["verdict"] for r in judgments(tmp_path)] == ["failed", "failed"]  # kept; the rest never tried
+    summary = eval_judge.main(api_args(tmp_path, server, responses))  # the endpoint is back
+    assert summary["judged"] == 6 and summary["failed"] == 0 and len(server.requests) == 6
+
+
+def test_resume_drops_a_cut_last_line_but_not_a_bad_middle_line(tmp_path, server, capsys):
+    responses = tmp_path / "responses.jsonl"
+    write_responses(responses, n=4)
+    eval_judge.main(api_args(tmp_path, server, responses))
+    path = tmp_path / "out" / "judgments.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:3]) + lines[3][:40])  # a crash while appending the fourth
+    server.requests.clear()
+    summary = eval_judge.main(api_args(tmp_path, server, responses))
+    assert "last line" in capsys.readouterr().err and len(server.requests) == 1  # only the cut example again
+    assert summary["judged"] == 4 and [r["id"] for r in judgments(tmp_path)] == ["ex0", "ex1", "ex2", "ex3"]
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + lines[1][:40] + "\n" + "".join(lines[2:]))
+    with pytest.raises(SystemExit) as e:
+        eval_judge.main(api_args(tmp_path, server, responses))
+    assert str(e.value).startswith("error:") and "line 2" in str(e.value)
 
 
 def test_generate_then_hf_judge_end_to_end_and_alpaca_format(tmp_path):
