@@ -131,14 +131,9 @@ class R2MConfig:
     )
     sample_every: int = field(default=10, metadata={"help": "Print a few (prompt, response, reward) every N steps."})
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its newest complete checkpoint."})
-    overwrite: bool = field(
-        default=False, metadata={"help": "Start a new run in an output_dir that holds one, deleting its metrics and checkpoints."}
-    )
-    max_nonfinite_steps: int = field(
-        default=3,
-        metadata={"help": "Stop after this many RL steps in a row with a non-finite reward, loss or gradient norm "
-                  "(their optimiser steps are skipped)."},
-    )
+    overwrite: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds a run (deletes it)."})
+    max_nonfinite_steps: int = field(default=3, metadata={
+        "help": "Stop after this many steps in a row with a non-finite reward, loss or gradient norm (updates skipped)."})
 
     @property
     def trajectories_per_step(self) -> int:
@@ -913,21 +908,20 @@ def step_prompt_indices(num_prompts: int, n: int, step: int, seed: int) -> list[
     return out
 
 
-# --- Checkpoints and their integrity. A checkpoint folder counts only once its marker, written last, is there;
-# a crash at any moment leaves a complete checkpoint that `find_checkpoint` finds; nothing non-finite is saved;
-# a run resumes only under settings that keep its saved state right (README, "Crashes and resuming"). ----------
+# --- Checkpoint integrity (README, "Crashes and resuming"): a folder counts once its marker, written last, is
+# there; a crash at any moment leaves a complete checkpoint; nothing non-finite is saved; a run resumes only under
+# settings that keep its saved state right. ---------------------------------------------------------------------
 
 CHECKPOINT_DIR = "checkpoint"
-COMPLETE_MARKER = "complete.json"  # {"step", "config"}: written last, so its presence means the folder is whole
-# Settings a resumed run may change; they take effect from the first resumed step. A new total length re-times
-# ω(t) and the learning-rate decay over the new T; new learning rates restart the linear decay from the new peak.
+COMPLETE_MARKER = "complete.json"  # {"step", "config"}, written last
+# A resumed run may change these, from its first step on: a new length re-times ω(t) and the lr decay over the
+# new T; new learning rates restart the linear decay from the new peak; the rest is speed and bookkeeping.
 RESUME_MAY_CHANGE = {"total_trajectories", "policy_lr", "rm_lr", "generation_batch_size", "forward_batch_size",
                      "micro_batch_size", "bf16", "gradient_checkpointing", "device", "save_every", "sample_every",
                      "max_nonfinite_steps", "output_dir", "resume", "overwrite"}
-# BRME's heads are fitted before RL and come back with the checkpoint: these only shaped that fit.
+# BRME's heads were fitted with these before RL and come back with the checkpoint. Every other setting must match:
+# it shapes a saved tensor (d_attn, brme_heads), what step t is (queries_per_step, group_size) or the objective.
 RESUME_FROM_CHECKPOINT = {"brme_preference_file", "brme_epochs", "brme_lr", "brme_sigma_prior"}
-# Every other setting must match: it shapes a saved tensor (d_attn, brme_heads), the step (queries_per_step,
-# group_size: step t's prompts) or the objective being optimised.
 
 
 class TrainingError(RuntimeError):
@@ -1046,14 +1040,23 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
     except Exception as e:  # noqa: BLE001 - disk full, permissions, a serialiser's own error: one line, nothing lost
         raise TrainingError(f"step {step}: could not write {tmp}: {type(e).__name__}: {str(e).splitlines()[0]}; "
                             f"the last complete checkpoint is untouched") from e
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.replace(final, old)
+    _swap_in(tmp, final, step)
+    return final
+
+
+def _swap_in(src: str, final: str, step: int) -> None:
+    """checkpoint/ -> checkpoint.old/, then src -> checkpoint/. Between the two renames no checkpoint/ exists, but
+    src and .old are both complete, and `find_checkpoint` finds the newer one."""
+    old = final + ".old"
+    if src != old:
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
     if os.environ.get("R2M_TEST_KILL_BETWEEN_RENAMES") == str(step):  # crash-injection hook, set by tests only
         os.kill(os.getpid(), 9)
-    os.replace(tmp, final)
+    shutil.rmtree(final, ignore_errors=True)  # gone already, unless src is .old beside an unmarked checkpoint/
+    os.replace(src, final)
     shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> int:
@@ -1062,13 +1065,7 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
     path, final = find_checkpoint(output_dir), os.path.join(output_dir, CHECKPOINT_DIR)
     if path != final:
         tqdm.write(f"note: {path} is the newest complete checkpoint (a save was interrupted); it becomes {final}")
-        if path == final + ".tmp":
-            shutil.rmtree(final + ".old", ignore_errors=True)
-            if os.path.exists(final):
-                os.replace(final, final + ".old")
-        else:
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete checkpoint/ beside a complete .old
-        os.replace(path, final)
+        _swap_in(path, final, -1)
     for note in resume_notes(_marker(final)["config"], cfg):
         tqdm.write(f"note: {note}")
     state = torch.load(os.path.join(final, "state.pt"), map_location="cpu", weights_only=False)
@@ -1186,13 +1183,7 @@ def train(
         batch_texts = [prompt_texts[i] for i in chosen] if prompt_texts is not None else None
 
         # 1. trajectory sampling (+ old/ref log-probs, + hidden states via the hook)
-        try:
-            ro = rollout(policy, ref_policy, tokenizer, batch, batch_texts, cfg, rt, rm_view, rm_pad_id, mode.feedback)
-        except RuntimeError as e:  # sampling met NaN/inf probabilities: finite weights whose outputs overflow
-            if "probability tensor" not in str(e):
-                raise
-            raise TrainingError(f"step {step}: the policy's sampling probabilities are not finite (its weights "
-                                "diverged); lower --policy_lr and resume from the last good checkpoint") from e
+        ro = rollout(policy, ref_policy, tokenizer, batch, batch_texts, cfg, rt, rm_view, rm_pad_id, mode.feedback)
         t1 = time.perf_counter()
         # 2. reward annotation
         rm_rewards = annotate_rewards(reward_model, ro, omega_t, mode, cfg, rt)  # (N,)
@@ -1263,11 +1254,9 @@ def train(
         bad = next((k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)), None)
         nonfinite_streak = nonfinite_streak + 1 if bad or record["nonfinite/skipped_updates"] else 0
         if nonfinite_streak >= cfg.max_nonfinite_steps:
-            raise TrainingError(
-                f"step {step}: {bad or 'a gradient norm'} was not finite in {nonfinite_streak} steps in a row (their "
-                f"updates were skipped); lower --policy_lr / --rm_lr or check the reward model, then resume from the "
-                f"last good checkpoint with --resume true"
-            )
+            raise TrainingError(f"step {step}: {bad or 'a gradient norm'} was not finite in {nonfinite_streak} steps in a "
+                                "row (updates skipped); lower --policy_lr / --rm_lr or check the reward model, then "
+                                "resume from the last good checkpoint with --resume true")
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == T - 1):
             if nonfinite_streak:  # a step with non-finite values is no state to resume from
                 tqdm.write(f"step {step}: no checkpoint after non-finite values; the last good one stays")

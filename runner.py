@@ -183,6 +183,11 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
                      rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer))
     except TrainingError as e:
         raise SystemExit(f"error: {e}")
+    except RuntimeError as e:  # torch's sampler met NaN/inf probabilities: finite weights whose outputs overflow
+        if "probability tensor" not in str(e):
+            raise
+        raise SystemExit("error: the policy's sampling probabilities are not finite (its weights diverged); lower "
+                         "--policy_lr and resume from the last good checkpoint with --resume true")
     except OSError as e:  # a write error on metrics.jsonl or a checkpoint's rename; the last checkpoint is whole
         raise SystemExit(f"error: {e}; the last complete checkpoint in {cfg.output_dir} is intact: fix this, then "
                          "continue with --resume true")

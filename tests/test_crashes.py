@@ -285,7 +285,7 @@ def test_a_checkpoint_with_a_nonfinite_tensor_is_never_written(tmp_path, tokeniz
 def test_diverging_learning_rate_stops_with_one_line_and_no_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     for lr, words in [("1e3", "error: step 2: policy/loss was not finite in 3 steps in a row"),
-                      ("1e6", "error: step 1: the policy's sampling probabilities are not finite")]:
+                      ("1e6", "error: the policy's sampling probabilities are not finite")]:
         argv = ["--preset", "tiny", "--output_dir", out, "--policy_lr", lr, "--save_every", "1", "--overwrite", "true"]
         assert refused(train_tldr.main, argv).startswith(words)
         strict_metrics(out)
