@@ -151,7 +151,10 @@ class R2MConfig:
         default=20, metadata={"help": "Write a checkpoint every N steps and at the end; 0 = never (benchmarks)."}
     )
     sample_every: int = field(default=10, metadata={"help": "Print a few (prompt, response, reward) every N steps."})
-    resume: bool = field(default=False, metadata={"help": "Continue from output_dir/checkpoint if it exists."})
+    resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir from its newest complete checkpoint."})
+    overwrite: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds a run (deletes it)."})
+    max_nonfinite_steps: int = field(default=3, metadata={
+        "help": "Stop after this many steps in a row with a non-finite reward, loss or gradient norm (updates skipped)."})
 
     @property
     def trajectories_per_step(self) -> int:
@@ -167,13 +170,24 @@ class R2MConfig:
             raise ValueError(f"--algo must be one of {sorted(ALGOS)}, got {self.algo!r}")
         if self.reward not in REWARD_MODES:
             raise ValueError(f"--reward must be one of {sorted(REWARD_MODES)}, got {self.reward!r}")
+        # Every number's range first (the size arithmetic below divides by some). `not lo <= x` also rejects NaN.
+        at_least = dict(total_trajectories=1, queries_per_step=1, max_new_tokens=1, policy_epochs=1,
+                        policy_minibatch_size=1, micro_batch_size=1, d_attn=1, rm_minibatch_groups=1, brme_heads=1,
+                        brme_epochs=1, generation_batch_size=1, forward_batch_size=1, save_every=0, sample_every=0,
+                        max_nonfinite_steps=1, rm_epochs=1, pretrain_rm_epochs=1, pretrain_rm_batch_size=1,
+                        pretrain_rm_lr=0.0, policy_lr=0.0, rm_lr=0.0, brme_lr=0.0, clip_eps=0.0, beta=0.0,
+                        brme_sigma_prior=0.0, max_grad_norm=0.0, temperature=0.0)
+        for name, lowest in at_least.items():
+            value, strict = getattr(self, name), name in ("max_grad_norm", "temperature")
+            if not (lowest < value if strict else lowest <= value) or not value < math.inf:
+                raise ValueError(f"--{name} must be a finite number {'>' if strict else '>='} {lowest:g}, got {value}")
+        if self.group_size < 1:
+            raise ValueError(f"--group_size must be at least 1, got {self.group_size}")
         if self.group_size < ALGOS[self.algo].min_group_size:
             raise ValueError(f"--algo {self.algo} needs --group_size >= 2 (leave-one-out / group std), got {self.group_size}")
         if REWARD_MODES[self.reward].train and self.group_size < 2:
             raise ValueError(f"--reward {self.reward} trains on within-group pairs (GREBT): --group_size must be >= 2, "
                              f"got {self.group_size}")
-        if self.group_size < 1:
-            raise ValueError(f"--group_size must be at least 1, got {self.group_size}")
         if REWARD_MODES[self.reward].pretrain and not self.pretrain_rm_preference_file:
             raise ValueError(f"--reward {self.reward} needs --pretrain_rm_preference_file (JSON lines: prompt, chosen, rejected)")
         if self.total_steps < 1:
@@ -196,12 +210,12 @@ class R2MConfig:
             raise ValueError(f"--omega_floor must lie in [0, 1], got {self.omega_floor}")
         if not 0.0 <= self.brme_lambda <= 1.0:
             raise ValueError(f"--brme_lambda must lie in [0, 1], got {self.brme_lambda}")
-        if self.temperature <= 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.grebt_pairs not in ("fresh", "annotated"):
             raise ValueError(f"--grebt_pairs must be 'fresh' or 'annotated', got {self.grebt_pairs!r}")
-        if self.rm_epochs < 1:
-            raise ValueError(f"--rm_epochs must be at least 1, got {self.rm_epochs}")
+        if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
+            raise ValueError(f"--missing_eos_penalty must be finite, got {self.missing_eos_penalty}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume true and --overwrite true exclude each other: continue the run, or replace it")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1246,11 +1260,107 @@ def step_prompt_indices(num_prompts: int, n: int, step: int, seed: int) -> list[
     return out
 
 
+# --- Checkpoint integrity (README, "Crashes and resuming"): a folder counts once its marker, written last, is
+# there; a crash at any moment leaves a complete checkpoint; nothing non-finite is saved; a run resumes only under
+# settings that keep its saved state right. ---------------------------------------------------------------------
+
 CHECKPOINT_DIR = "checkpoint"
+COMPLETE_MARKER = "complete.json"  # {"step", "config"}, written last
+# A resumed run may change these, from its first step on: a new length re-times ω(t) and the lr decay over the
+# new T; new learning rates restart the linear decay from the new peak; the rest is speed and bookkeeping.
+RESUME_MAY_CHANGE = {"total_trajectories", "policy_lr", "rm_lr", "generation_batch_size", "forward_batch_size",
+                     "micro_batch_size", "bf16", "gradient_checkpointing", "device", "save_every", "sample_every",
+                     "max_nonfinite_steps", "output_dir", "resume", "overwrite"}
+# BRME's heads and the Pretrained RM's body were fitted with these before RL and come back with the checkpoint.
+# Every other setting must match: it shapes a saved tensor (d_attn, brme_heads), what step t is (queries_per_step,
+# group_size) or the objective.
+RESUME_FROM_CHECKPOINT = {"brme_preference_file", "brme_epochs", "brme_lr", "brme_sigma_prior",
+                          "pretrain_rm_preference_file", "pretrain_rm_epochs", "pretrain_rm_lr", "pretrain_rm_batch_size"}
+
+
+class TrainingError(RuntimeError):
+    """A run that must not go on (its folder, its settings, non-finite values); the message is one line."""
+
+
+def _marker(path: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(path, COMPLETE_MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # absent, or the save stopped before writing it
+
+
+def find_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest complete checkpoint among checkpoint/, checkpoint.old/ and checkpoint.tmp/: a crash between the
+    two renames of `save_checkpoint` leaves no checkpoint/ but a complete .old (and maybe a complete .tmp)."""
+    found = [(m["step"], path) for path in (os.path.join(output_dir, CHECKPOINT_DIR + s) for s in ("", ".old", ".tmp"))
+             if (m := _marker(path)) is not None]
+    return max(found, key=lambda f: f[0])[1] if found else None
 
 
 def has_checkpoint(output_dir: str) -> bool:
-    return os.path.exists(os.path.join(output_dir, CHECKPOINT_DIR, "state.pt"))
+    return find_checkpoint(output_dir) is not None
+
+
+def resume_notes(saved: dict, cfg: R2MConfig) -> list[str]:
+    """Notes on the settings this resumed run changes; a TrainingError for one it may not change."""
+    notes = []
+    for key, was in saved.items():
+        now = getattr(cfg, key, was)
+        if now == was or key in ("output_dir", "resume", "overwrite"):
+            continue
+        if key in RESUME_FROM_CHECKPOINT:
+            if REWARD_MODES[cfg.reward].ensemble or REWARD_MODES[cfg.reward].pretrain:
+                notes.append(f"--{key} {now} is not used: the fitted reward model comes from the checkpoint "
+                             f"({key} was {was})")
+        elif key in RESUME_MAY_CHANGE:
+            notes.append(f"--{key} {now} (the checkpoint's: {was}) applies from this step on")
+        else:
+            raise TrainingError(f"{cfg.output_dir} was written with --{key} {was}, not {now}; resume with "
+                                f"--{key} {was}, or start over with --overwrite true or another --output_dir")
+    return notes
+
+
+def check_output_dir(cfg: R2MConfig) -> None:
+    """Before anything loads: a fresh run never writes over a run, a resumed one needs its checkpoint and settings."""
+    metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
+    holds_metrics = os.path.isfile(metrics) and os.path.getsize(metrics) > 0
+    checkpoint = find_checkpoint(cfg.output_dir)
+    if not cfg.resume and not cfg.overwrite and (checkpoint or holds_metrics):
+        raise TrainingError(f"{cfg.output_dir} already holds a run; continue it with --resume true, or start over "
+                            "with --overwrite true (deletes it) or another --output_dir")
+    if cfg.resume and checkpoint is None and holds_metrics:
+        raise TrainingError(f"--resume: {cfg.output_dir} holds metrics.jsonl but no complete checkpoint to resume "
+                            "from; start over with --overwrite true or another --output_dir")
+    if cfg.resume and checkpoint is not None:
+        resume_notes(_marker(checkpoint)["config"], cfg)
+
+
+def nonfinite_tensors(state, name: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict/list state that hold a NaN or an inf."""
+    if torch.is_tensor(state):
+        return [name] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else []
+    return [bad for k, v in items for bad in nonfinite_tensors(v, f"{name}.{k}" if name else str(k))]
+
+
+class SkipNonFiniteSteps:
+    """An optimiser whose step is skipped, and counted, when its gradients are not all finite: one NaN step would
+    poison the weights and every later checkpoint. All else is the wrapped optimiser's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer, self.skipped = optimizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.optimizer, name)
+
+    def step(self) -> None:
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
 
 
 def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> str:
@@ -1258,44 +1368,63 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
     policy/ is a Hugging Face folder (eval_judge.py and from_pretrained read it); state.pt holds the rest."""
     final = os.path.join(output_dir, CHECKPOINT_DIR)
     tmp, old = final + ".tmp", final + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(os.path.join(tmp, "policy"))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(tmp, "policy"))
-    torch.save(
-        {
-            "step": step,  # last completed step
-            "config": dataclasses.asdict(cfg),
-            "reward_model": reward_model.trainable_state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python": random.getstate(),
-            },
+    state = {
+        "step": step,  # last completed step
+        "config": dataclasses.asdict(cfg),
+        "reward_model": reward_model.trainable_state_dict(),
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": random.getstate(),
         },
-        os.path.join(tmp, "state.pt"),
-    )
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    }
+    bad = nonfinite_tensors({"policy": policy.state_dict(), **state})
+    if bad:
+        raise TrainingError(f"step {step}: not saving a checkpoint with {len(bad)} non-finite tensors (first: {bad[0]}); "
+                            f"the last good one stays in {find_checkpoint(output_dir) or 'nowhere yet'}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        policy.save_pretrained(os.path.join(tmp, "policy"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
+            json.dump({"step": step, "config": state["config"]}, f)
+    except Exception as e:  # noqa: BLE001 - disk full, permissions, a serialiser's own error: one line, nothing lost
+        raise TrainingError(f"step {step}: could not write {tmp}: {type(e).__name__}: {str(e).splitlines()[0]}; "
+                            f"the last complete checkpoint is untouched") from e
+    _swap_in(tmp, final, step)
     return final
 
 
+def _swap_in(src: str, final: str, step: int) -> None:
+    """checkpoint/ -> checkpoint.old/, then src -> checkpoint/. Between the two renames no checkpoint/ exists, but
+    src and .old are both complete, and `find_checkpoint` finds the newer one."""
+    old = final + ".old"
+    if src != old:
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
+    if os.environ.get("R2M_TEST_KILL_BETWEEN_RENAMES") == str(step):  # crash-injection hook, set by tests only
+        os.kill(os.getpid(), 9)
+    shutil.rmtree(final, ignore_errors=True)  # gone already, unless src is .old beside an unmarked checkpoint/
+    os.replace(src, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> int:
-    """Restore what save_checkpoint wrote; returns the next step to run."""
-    path = os.path.join(output_dir, CHECKPOINT_DIR)
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
-    for key in ("reward", "algo", "seed"):
-        if state["config"][key] != getattr(cfg, key):
-            raise SystemExit(
-                f"error: {path} was written with --{key} {state['config'][key]}, not {getattr(cfg, key)}; "
-                "resume with the same settings or use another --output_dir"
-            )
-    saved = type(policy).from_pretrained(os.path.join(path, "policy"), dtype=torch.float32)
+    """Restore the newest complete checkpoint; returns the next step to run. A save that a crash interrupted is
+    finished first (the newest complete folder becomes checkpoint/), so the next save starts from a clean layout."""
+    path, final = find_checkpoint(output_dir), os.path.join(output_dir, CHECKPOINT_DIR)
+    if path != final:
+        tqdm.write(f"note: {path} is the newest complete checkpoint (a save was interrupted); it becomes {final}")
+        _swap_in(path, final, -1)
+    for note in resume_notes(_marker(final)["config"], cfg):
+        tqdm.write(f"note: {note}")
+    state = torch.load(os.path.join(final, "state.pt"), map_location="cpu", weights_only=False)
+    saved = type(policy).from_pretrained(os.path.join(final, "policy"), dtype=torch.float32)
     policy.load_state_dict(saved.state_dict())
     del saved
     reward_model.load_trainable_state_dict(state["reward_model"])
@@ -1303,11 +1432,23 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
         o.load_state_dict(state["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(state["schedulers"][k])
+        # The learning rate in effect comes from this run's flags (they may change on resume), decayed over this T.
+        lr = cfg.policy_lr if k == "policy" else cfg.rm_lr
+        s.base_lrs = [lr] * len(s.base_lrs)
+        for group in optimizers[k].param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * s.lr_lambdas[0](s.last_epoch)
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     random.setstate(state["rng"]["python"])
     return state["step"] + 1
+
+
+def _metric_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # blank, or cut short by a crash
 
 
 @torch.no_grad()
@@ -1382,23 +1523,32 @@ def train(
         rm_params = list(reward_model.trainable_parameters(feedback=mode.feedback, body=mode.train_body))
         optimizers["reward_model"] = torch.optim.AdamW(rm_params, lr=cfg.rm_lr, weight_decay=0.0, fused=fused)
     schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, decay) for k, o in optimizers.items()}
+    # Non-finite values (a diverging learning rate, an RM with absurd weights) never reach the weights: an optimiser
+    # step with a non-finite gradient is skipped and counted; cfg.max_nonfinite_steps such RL steps in a row stop.
+    guarded = {k: SkipNonFiniteSteps(o) for k, o in optimizers.items()}
+    nonfinite_streak = 0
 
     # The cross-attention as built (a function of the seed alone): the origin of its relative weight change.
     feedback_init = [p.detach().clone() for p in reward_model.policy_feedback.parameters()] if mode.feedback else None
 
+    check_output_dir(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     start = 0
+    if cfg.overwrite:
+        for suffix in ("", ".old", ".tmp"):
+            shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINT_DIR + suffix), ignore_errors=True)
     if cfg.resume and has_checkpoint(cfg.output_dir):
         start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers, cfg)
         tqdm.write(f"resumed from {cfg.output_dir}/{CHECKPOINT_DIR} at step {start}/{T}")
     elif cfg.resume:
-        tqdm.write(f"--resume: no checkpoint in {cfg.output_dir}, starting from step 0")
+        tqdm.write(f"--resume: {cfg.output_dir} holds no run yet: starting a new run at step 0")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if os.path.exists(metrics_path):
         # A fresh run starts a new curve; a resumed one keeps the steps its checkpoint covers and drops any
-        # written after it (a crash between checkpoints), since those steps are run again.
+        # written after it (a crash between checkpoints), since those steps are run again. A line a crash cut
+        # short is always such a step: it cannot be parsed, and it goes too.
         with open(metrics_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] < start]
+            kept = [line for line in f if _metric_step(line) < start]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
 
@@ -1426,13 +1576,13 @@ def train(
         # 3. advantages (inside each group, or over the batch for REINFORCE++)
         advantages = compute_advantages(rewards.view(n, K), ro, greedy_rewards, cfg)  # (N,) or (N, R)
         # 4. policy optimisation, with the hidden-state refresh in the last epoch
-        pstats = policy_update(policy, optimizers["policy"], ro, advantages, cfg, rt)
+        pstats = policy_update(policy, guarded["policy"], ro, advantages, cfg, rt)
         t3 = time.perf_counter()
         # 5. reward-model optimisation (GREBT)
         rstats = {}
         if mode.train:
             rstats = reward_model_update(
-                reward_model, optimizers["reward_model"], ro, rm_rewards.view(n, K), omega_t, mode, cfg, rt
+                reward_model, guarded["reward_model"], ro, rm_rewards.view(n, K), omega_t, mode, cfg, rt
             )
         t4 = time.perf_counter()
         for s in schedulers.values():
@@ -1464,9 +1614,12 @@ def train(
         }
         if on_step is not None:
             record.update(on_step(step, ro, rewards))
+        record["nonfinite/skipped_updates"] = sum(g.skipped for g in guarded.values())
+        for g in guarded.values():
+            g.skipped = 0
         history.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(metrics_path, "a") as f:  # strict JSON: a non-finite value is written as null
+            f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}) + "\n")
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record['kl/sequence']:.3f}", omega=f"{omega_t:.2f}")
         tqdm.write(
             f"step {step:4d} | reward {record['reward/mean']:+.4f} | kl {record['kl/sequence']:.4f} | "
@@ -1481,6 +1634,15 @@ def train(
                     ro.query_responses[row, ro.prompt_len :][ro.response_mask[row].bool()], skip_special_tokens=True
                 )
                 tqdm.write(f"  [sample] ...{prompt[-120:]!r} -> {response!r}  reward {rewards[row].item():+.3f}")
+        bad = next((k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)), None)
+        nonfinite_streak = nonfinite_streak + 1 if bad or record["nonfinite/skipped_updates"] else 0
+        if nonfinite_streak >= cfg.max_nonfinite_steps:
+            raise TrainingError(f"step {step}: {bad or 'a gradient norm'} was not finite in {nonfinite_streak} steps in a "
+                                "row (updates skipped); lower --policy_lr / --rm_lr or check the reward model, then "
+                                "resume from the last good checkpoint with --resume true")
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == T - 1):
-            save_checkpoint(cfg.output_dir, step, policy, tokenizer, reward_model, optimizers, schedulers, cfg)
+            if nonfinite_streak:  # a step with non-finite values is no state to resume from
+                tqdm.write(f"step {step}: no checkpoint after non-finite values; the last good one stays")
+            else:
+                save_checkpoint(cfg.output_dir, step, policy, tokenizer, reward_model, optimizers, schedulers, cfg)
     return history

@@ -8,7 +8,9 @@ each other.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -22,6 +24,8 @@ from r2m import (
     R2MConfig,
     R2MRewardModel,
     RMView,
+    TrainingError,
+    check_output_dir,
     disable_dropout,
     has_checkpoint,
     make_rm_view,
@@ -45,14 +49,35 @@ def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[s
     chosen = pre.parse_known_args(argv)[0].preset
     if chosen not in presets:
         raise SystemExit(f"error: --preset must be one of {sorted(presets)}, got {chosen!r}")
+    if chosen == "tiny":  # the tiny preset builds its own models; a model flag beside it would be silently ignored
+        given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")]
+        ignored = [flag for flag in ("--policy_model", "--reward_model") if flag in given]
+        if ignored:
+            raise SystemExit(f"error: --preset tiny builds its own tiny models and cannot use {' / '.join(ignored)}; "
+                             "drop it, or choose another --preset")
     parser = HfArgumentParser((R2MConfig, script_args_cls))
     parser.set_defaults(**presets[chosen])
     cfg, args = parser.parse_args_into_dataclasses(args=argv)
     try:
         cfg.validate()
-    except ValueError as e:
+        for f in dataclasses.fields(args):  # the scripts' own numbers are token counts: at least 1
+            value = getattr(args, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise ValueError(f"--{f.name} must be at least 1, got {value}")
+        check_output_path(cfg.output_dir)
+        check_output_dir(cfg)
+    except (ValueError, TrainingError) as e:
         raise SystemExit(f"error: {e}")
     return cfg, args
+
+
+def check_output_path(output_dir: str) -> None:
+    """--output_dir must be, or be creatable as, a folder."""
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--output_dir {output_dir!r} cannot be a folder: {existing!r} is a file")
 
 
 def load_rows(dataset: str, split: str, columns: list[str]) -> list[dict]:
@@ -80,16 +105,28 @@ def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     frozen = torch.bfloat16 if (cfg.bf16 and resolve_device(cfg.device).type == "cuda") else torch.float32
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(policy_name)
-        rm_tokenizer = AutoTokenizer.from_pretrained(reward_model_name)
-        policy = AutoModelForCausalLM.from_pretrained(policy_name, dtype=torch.float32)
-        ref_policy = AutoModelForCausalLM.from_pretrained(policy_name, dtype=frozen)
-        rm = AutoModelForSequenceClassification.from_pretrained(reward_model_name, dtype=frozen, num_labels=1)
-    except Exception as e:  # noqa: BLE001
-        raise SystemExit(
-            f"error: could not load policy {policy_name!r} / reward model {reward_model_name!r}: {type(e).__name__}: {e}"
-        )
+
+    def load(what: str, name: str, loader, **kwargs):
+        where = f"{what.replace(' ', '_')} {name!r}"
+        if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+            raise SystemExit(f"error: could not load --{where}: the folder has no config.json, so it is not a "
+                             "Hugging Face model folder")
+        try:
+            return loader.from_pretrained(name, **kwargs)
+        except Exception as e:  # noqa: BLE001 - hub, file and format errors: the user needs one line
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise SystemExit(f"error: could not load {what} (--{where}): {type(e).__name__}: {first}")
+
+    tokenizer = load("policy model", policy_name, AutoTokenizer)
+    rm_tokenizer = load("reward model", reward_model_name, AutoTokenizer)
+    policy = load("policy model", policy_name, AutoModelForCausalLM, dtype=torch.float32)
+    ref_policy = load("policy model", policy_name, AutoModelForCausalLM, dtype=frozen)
+    rm, info = load("reward model", reward_model_name, AutoModelForSequenceClassification, dtype=frozen,
+                    num_labels=1, output_loading_info=True)
+    new_head = [k for k in info["missing_keys"] if k.startswith("score.")]
+    if new_head:  # e.g. a causal LM's folder: its body loads, but the score head would be random
+        raise SystemExit(f"error: --reward_model {reward_model_name!r} holds no trained score head ({new_head[0]} "
+                         "would be newly initialised); it is not a scalar reward model")
     for tok in (tokenizer, rm_tokenizer):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token  # masks, not pad ids, decide what is real in this code
@@ -158,12 +195,26 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
         prompt_texts: list[str], render: Optional[Callable[[str, str], str]] = None) -> list[dict]:
     """What both training scripts do once their data and models are loaded: choose how the RM reads a
     trajectory, build the reward model for the mode, train."""
-    keep = [i for i, p in enumerate(prompts) if p]  # an empty prompt has nothing to condition on
+    # An empty prompt has nothing to condition on, even wrapped in a chat template (non-empty ids).
+    keep = [i for i, p in enumerate(prompts) if p and prompt_texts[i].strip()]
+    if len(keep) < len(prompts):
+        print(f"dropped {len(prompts) - len(keep)} empty prompts")
     prompts, prompt_texts = [prompts[i] for i in keep], [prompt_texts[i] for i in keep]
     if not prompts:
         raise SystemExit("error: no non-empty prompts to train on")
     rm_view = make_rm_view(rm_tokenizer, render)
     shares_ids = render is None and same_tokenizer(tokenizer, rm_tokenizer)
     reward_model = build_reward(cfg, rm, policy, rm_view)
-    return train(policy, ref_policy, reward_model, tokenizer, prompts, cfg, prompt_texts=prompt_texts,
-                 rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer))
+    try:
+        return train(policy, ref_policy, reward_model, tokenizer, prompts, cfg, prompt_texts=prompt_texts,
+                     rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer))
+    except TrainingError as e:
+        raise SystemExit(f"error: {e}")
+    except RuntimeError as e:  # torch's sampler met NaN/inf probabilities: finite weights whose outputs overflow
+        if "probability tensor" not in str(e):
+            raise
+        raise SystemExit("error: the policy's sampling probabilities are not finite (its weights diverged); lower "
+                         "--policy_lr and resume from the last good checkpoint with --resume true")
+    except OSError as e:  # a write error on metrics.jsonl or a checkpoint's rename; the last checkpoint is whole
+        raise SystemExit(f"error: {e}; the last complete checkpoint in {cfg.output_dir} is intact: fix this, then "
+                         "continue with --resume true")

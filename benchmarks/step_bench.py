@@ -98,6 +98,7 @@ def measure(model: str, variant: str, settings: dict, seed: int, queue) -> None:
     keys = set(r2m.R2MConfig.__dataclass_fields__)
     cfg = r2m.R2MConfig(**{k: v for k, v in settings.items() if k in keys and k != "output_dir"}, reward=variant,
                         total_trajectories=(1 + settings["measured_steps"]) * n_traj, save_every=0, sample_every=0, seed=seed,
+                        overwrite=True,  # a scratch folder: each benchmark run replaces the last
                         output_dir=os.path.join(settings["output_dir"], variant))
     params_p, params_r = count_params(policy), count_params(rm)
     reward_model = runner.build_reward(cfg, rm, policy, rm_view=None)

@@ -247,7 +247,7 @@ def run_method(name: str, seed: int, steps: int, world: dict, out_dir: str) -> l
     tokenizer, sft_policy, proxy = world["tokenizer"], world["policy"], world["proxy"]
     overrides = METHODS[name]
     cfg = r2m.R2MConfig(**{**RL, **overrides}, total_trajectories=steps * RL["queries_per_step"] * RL["group_size"],
-                        device="cpu", seed=seed, save_every=0, sample_every=0,
+                        device="cpu", seed=seed, save_every=0, sample_every=0, overwrite=True,
                         output_dir=os.path.join(out_dir, "runs", f"{name}-seed{seed}".replace(" ", "_")))
     policy, ref_policy, rm = copy.deepcopy(sft_policy), copy.deepcopy(sft_policy), copy.deepcopy(proxy)
     mode = r2m.REWARD_MODES[cfg.reward]
