@@ -184,7 +184,8 @@ class R2MConfig:
         if self.group_size < 1:
             raise ValueError(f"--group_size must be at least 1, got {self.group_size}")
         if self.group_size < ALGOS[self.algo].min_group_size:
-            raise ValueError(f"--algo {self.algo} needs --group_size >= 2 (leave-one-out / group std), got {self.group_size}")
+            raise ValueError(f"--group_size must be at least 2 for --algo {self.algo} (leave-one-out / group std), "
+                             f"got {self.group_size}")
         if REWARD_MODES[self.reward].train and self.group_size < 2:
             raise ValueError(f"--reward {self.reward} trains on within-group pairs (GREBT): --group_size must be >= 2, "
                              f"got {self.group_size}")
@@ -1310,9 +1311,9 @@ def resume_notes(saved: dict, cfg: R2MConfig) -> list[str]:
         if now == was or key in ("output_dir", "resume", "overwrite"):
             continue
         if key in RESUME_FROM_CHECKPOINT:
+            fitted = "the BRME heads come" if REWARD_MODES[cfg.reward].ensemble else "the fine-tuned RM comes"
             if REWARD_MODES[cfg.reward].ensemble or REWARD_MODES[cfg.reward].pretrain:
-                notes.append(f"--{key} {now} is not used: the fitted reward model comes from the checkpoint "
-                             f"({key} was {was})")
+                notes.append(f"--{key} {now} is not used: {fitted} from the checkpoint ({key} was {was})")
         elif key in RESUME_MAY_CHANGE:
             notes.append(f"--{key} {now} (the checkpoint's: {was}) applies from this step on")
         else:
