@@ -81,7 +81,11 @@ class R2MConfig:
     max_new_tokens: int = field(default=50, metadata={"help": "Longest response, in policy tokens."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (no top-k / top-p)."})
     # --- policy optimisation (Eq. 2) ----------------------------------------------------------------
-    policy_lr: float = field(default=3e-6, metadata={"help": "Policy AdamW learning rate (linear decay to 0)."})
+    policy_lr: float = field(default=3e-6, metadata={"help": "Policy AdamW learning rate (see --lr_schedule)."})
+    lr_schedule: str = field(
+        default="linear",
+        metadata={"help": "Learning rates of policy and RM head over the T steps: 'linear' (decay to 0) or 'constant'."},
+    )
     policy_epochs: int = field(default=2, metadata={"help": "k: passes over a step's trajectories."})
     # Choice (the paper is silent): 512 trajectories per optimiser step, i.e. 16 steps per epoch at n*K = 8192;
     # temperature 0.7, k = 2, ε = 0.2 and β = 0.05 likewise (SPEC §5).
@@ -180,6 +184,8 @@ class R2MConfig:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.grebt_pairs not in ("fresh", "annotated"):
             raise ValueError(f"--grebt_pairs must be 'fresh' or 'annotated', got {self.grebt_pairs!r}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"--lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
         if self.rm_epochs < 1:
             raise ValueError(f"--rm_epochs must be at least 1, got {self.rm_epochs}")
 
@@ -1115,9 +1121,10 @@ def train(
     rt = make_runtime(cfg)
     prepare_models(policy, ref_policy, reward_model, cfg, rt)
 
-    # --- optimisers. Choice: AdamW without weight decay, learning rate decaying linearly to 0 over T, stepped
-    # once per RL step; gradient-norm clip --max_grad_norm (1.0) for the policy and the RM head alike ------
-    decay = lambda s: max(0.0, 1.0 - s / T)  # noqa: E731
+    # --- optimisers. Choice: AdamW without weight decay, learning rate decaying linearly to 0 over T (or
+    # --lr_schedule constant), stepped once per RL step; gradient-norm clip --max_grad_norm (1.0) for the policy
+    # and the RM head alike --------------------------------------------------------------------------------
+    decay = (lambda s: max(0.0, 1.0 - s / T)) if cfg.lr_schedule == "linear" else (lambda s: 1.0)  # noqa: E731
     optimizers = {"policy": torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=0.0)}
     if mode.train_body:  # Choice: the cost baseline trains the body in its stored dtype (bf16 on GPU): a lower
         reward_model.reward_model.base_model.requires_grad_(True)  # bound on what updating the whole RM costs
