@@ -456,7 +456,16 @@ def main() -> None:
     parser.add_argument("--output_dir", default="runs/overoptimization", help="Where steps.csv, summary.* and the plot go.")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (1 on a shared machine).")
+    parser.add_argument("--from_steps", default=None,
+                        help="Only rebuild summary.* and the plot in --output_dir from this steps.csv (no training).")
     args = parser.parse_args()
+    if args.from_steps:
+        histories = histories_from_steps_csv(args.from_steps)
+        steps = len(next(iter(histories.values()))[0])
+        os.makedirs(args.output_dir, exist_ok=True)
+        report(histories, {"steps": steps, "rl": RL, "from_steps": args.from_steps,
+                           "omega_floor_from_step": first_full_weight_step(steps, RL["omega_floor"])}, args.output_dir)
+        return
     methods = [m.strip() for m in args.methods.split(",")]
     if any(m not in METHODS for m in methods):
         raise SystemExit(f"error: --methods must come from {list(METHODS)}")
@@ -492,29 +501,50 @@ def main() -> None:
                       f"late {s['agree_used_late']:.3f} (proxy {s['agree_proxy_late']:.3f}), {run_seconds[-1]:.0f}s",
                       flush=True)
 
-    # 5: the table
+    # 5: the table and the plot
+    meta = {"steps": steps, "seeds": seeds, "world": WORLD, "rl": rl, "matched_kl": MATCHED_KL,
+            "omega_floor_from_step": t_full, "proxy_heldout_accuracy": proxy_acc,
+            "seconds": time.perf_counter() - t0, "seconds_per_run_mean": statistics.fmean(run_seconds),
+            "threads": args.threads}
+    report(histories, meta, args.output_dir)
+
+
+def report(histories: dict[str, list[list[dict]]], meta: dict, output_dir: str) -> None:
+    """summary.csv / summary.json (mean ± std over seeds per arm), the table on stdout, and the plot."""
     rows = []
-    for m in methods:
-        sums = [run_summary(h) for h in histories[m]]
-        rows.append({"method": m, **{k: mean_spread([s[k] for s in sums], fmt) for k, _, fmt in TABLE}})
-    with open(os.path.join(args.output_dir, "summary.csv"), "w", newline="") as f:
+    for m, hs in histories.items():
+        sums = [run_summary(h) for h in hs]
+        rows.append({"method": m, "seeds": len(hs), **{k: mean_spread([s[k] for s in sums], fmt) for k, _, fmt in TABLE}})
+    with open(os.path.join(output_dir, "summary.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    meta = {"steps": steps, "seeds": seeds, "world": WORLD, "rl": rl, "matched_kl": MATCHED_KL,
-            "omega_floor_from_step": t_full, "proxy_heldout_accuracy": proxy_acc,
-            "sft_gold": statistics.fmean(h[0]["gold"] for hs in histories.values() for h in hs),
-            "seconds": time.perf_counter() - t0, "seconds_per_run_mean": statistics.fmean(run_seconds),
-            "threads": args.threads}
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+    meta["sft_gold"] = statistics.fmean(h[0]["gold"] for hs in histories.values() for h in hs)
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump({"meta": meta, "table": rows}, f, indent=1)
-    print("\n| method | " + " | ".join(title for _, title, _ in TABLE) + " |\n|" + "---|" * (len(TABLE) + 1))
+    print("\n| method | seeds | " + " | ".join(title for _, title, _ in TABLE) + " |\n|" + "---|" * (len(TABLE) + 2))
     for r in rows:
-        print(f"| {r['method']} | " + " | ".join(r[k] for k, _, _ in TABLE) + " |")
-    print(f"\nSFT policy gold reward {meta['sft_gold']:+.3f}; proxy RM held-out accuracy {proxy_acc:.3f}; "
-          f"{len(seeds)} seed(s) x {steps} steps; late = steps >= {t_full}; {meta['seconds']:.0f}s "
-          f"({meta['seconds_per_run_mean']:.0f}s per run)")
-    plot(histories, t_full, os.path.join(args.output_dir, "overoptimization.png"))
+        print(f"| {r['method']} | {r['seeds']} | " + " | ".join(r[k] for k, _, _ in TABLE) + " |")
+    print(f"\nSFT policy gold reward {meta['sft_gold']:+.3f}; proxy RM held-out accuracy "
+          f"{meta.get('proxy_heldout_accuracy')}; {meta['steps']} steps; late = steps >= {meta['omega_floor_from_step']}; "
+          f"{meta.get('seconds') or 0:.0f}s ({meta.get('seconds_per_run_mean') or 0:.0f}s per run)")
+    plot(histories, meta["omega_floor_from_step"], os.path.join(output_dir, "overoptimization.png"))
+
+
+def histories_from_steps_csv(path: str) -> dict[str, list[list[dict]]]:
+    """steps.csv -> {arm: [one run's per-step records, per seed]}, numbers as floats and empty cells as None
+    (the table and plot of a study that was stopped early, or re-plotted)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            record = {k: (v if k == "method" else (float(v) if v != "" else None)) for k, v in row.items()}
+            runs.setdefault((row["method"], row["seed"]), []).append(record)
+    longest = max(len(h) for h in runs.values())
+    histories: dict[str, list[list[dict]]] = {}
+    for (m, _), h in runs.items():
+        if len(h) == longest:  # a run cut off mid-way is left out
+            histories.setdefault(m, []).append(h)
+    return histories
 
 
 def plot(histories: dict, t_full: int, path: str) -> None:
@@ -527,17 +557,17 @@ def plot(histories: dict, t_full: int, path: str) -> None:
         print("matplotlib not installed: no plot (steps.csv has every number)")
         return
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    for m, hs in histories.items():
+    for i, (m, hs) in enumerate(histories.items()):
         steps = min(len(h) for h in hs)
         mean = lambda key: smooth([nanmean(h[i].get(key) for h in hs) for i in range(steps)])  # noqa: E731
         kl = mean("kl/sequence")
-        style = "-" if "r2m" in m else ("--" if m in ("rloo", "grpo") else ":")
-        axes[0, 0].plot(kl, mean("gold"), style, label=m)
-        axes[0, 1].plot(kl, mean("proxy"), style, label=m)
-        axes[1, 0].plot(mean("agree/used"), style, label=m)
-        if "feedback/attn_rel_change" in hs[0][0]:
-            axes[1, 1].plot(mean("feedback/reward_var_share"), style, label=f"{m}: feedback var share")
-            axes[1, 1].plot(mean("feedback/attn_rel_change"), style, alpha=0.5, label=f"{m}: attn ‖Δθ‖/‖θ₀‖")
+        look = dict(color=f"C{i}", ls="-" if "r2m" in m else ("--" if m in ("rloo", "grpo") else ":"))
+        axes[0, 0].plot(kl, mean("gold"), **look, label=m)
+        axes[0, 1].plot(kl, mean("proxy"), **look, label=m)
+        axes[1, 0].plot(mean("agree/used"), **look, label=m)
+        if hs[0][0].get("feedback/attn_rel_change") is not None:
+            axes[1, 1].plot(mean("feedback/reward_var_share"), color=f"C{i}", label=f"{m}: feedback var share")
+            axes[1, 1].plot(mean("feedback/attn_rel_change"), color=f"C{i}", ls="--", label=f"{m}: attn ‖Δθ‖/‖θ₀‖")
     for ax in axes[1]:
         ax.axvline(t_full, color="grey", lw=0.8)
         ax.text(t_full, ax.get_ylim()[1], " ω = Ω", va="top", fontsize=8, color="grey")
