@@ -87,7 +87,11 @@ class R2MConfig:
     max_new_tokens: int = field(default=50, metadata={"help": "Longest response, in policy tokens."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (no top-k / top-p)."})
     # --- policy optimisation (Eq. 2) ----------------------------------------------------------------
-    policy_lr: float = field(default=3e-6, metadata={"help": "Policy AdamW learning rate (linear decay to 0)."})
+    policy_lr: float = field(default=3e-6, metadata={"help": "Policy AdamW learning rate (see --lr_schedule)."})
+    lr_schedule: str = field(
+        default="linear",
+        metadata={"help": "Learning rates of policy and RM head over the T steps: 'linear' (decay to 0) or 'constant'."},
+    )
     policy_epochs: int = field(default=2, metadata={"help": "k: passes over a step's trajectories."})
     # Choice (the paper is silent): 512 trajectories per optimiser step, i.e. 16 steps per epoch at n*K = 8192;
     # temperature 0.7, k = 2, ε = 0.2 and β = 0.05 likewise (SPEC §5).
@@ -217,6 +221,8 @@ class R2MConfig:
             raise ValueError(f"--missing_eos_penalty must be finite, got {self.missing_eos_penalty}")
         if self.resume and self.overwrite:
             raise ValueError("--resume true and --overwrite true exclude each other: continue the run, or replace it")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"--lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1511,9 +1517,10 @@ def train(
     rt = make_runtime(cfg)
     prepare_models(policy, ref_policy, reward_model, cfg, rt)
 
-    # --- optimisers. Choice: AdamW without weight decay, learning rate decaying linearly to 0 over T, stepped
-    # once per RL step; gradient-norm clip --max_grad_norm (1.0) for the policy and the RM head alike ------
-    decay = lambda s: max(0.0, 1.0 - s / T)  # noqa: E731
+    # --- optimisers. Choice: AdamW without weight decay, learning rate decaying linearly to 0 over T (or
+    # --lr_schedule constant), stepped once per RL step; gradient-norm clip --max_grad_norm (1.0) for the policy
+    # and the RM head alike --------------------------------------------------------------------------------
+    decay = (lambda s: max(0.0, 1.0 - s / T)) if cfg.lr_schedule == "linear" else (lambda s: 1.0)  # noqa: E731
     # Choice: fused AdamW on GPU: one kernel updates each tensor in place, where the default multi-tensor
     # version makes full-size temporaries (as large as the policy's float32 weights) at the optimiser step.
     fused = rt.device.type == "cuda"

@@ -1,5 +1,6 @@
 """A small, honest reward over-optimisation study that runs on a CPU (the gold-reward-model protocol of
-Gao et al. 2023 and Coste et al. 2024), with the real r2m.py loop.
+Gao et al. 2023 and Coste et al. 2024), with the real r2m.py loop, designed so that R2M's mechanism is
+actually switched on while over-optimisation happens.
 
 1. A synthetic summarisation world. A post is 10 words: 3 distinct *key items* among filler words. The GOLD
    reward plays the human; it is exact and fixed (see `gold_reward`): coverage of the post's key items, minus
@@ -9,15 +10,17 @@ Gao et al. 2023 and Coste et al. 2024), with the real r2m.py loop.
    labelled by the gold reward with 25% label noise. SFT samples rarely repeat words and their length
    correlates with coverage, so the proxy can learn spurious cues (length, item-looking tokens) that gold
    does not reward.
-4. RL against the proxy with `r2m.train`, per method (vanilla RLOO / GRPO, +R2M, the R2M ablations, BRME),
-   several seeds each. Per step: proxy reward (the frozen proxy's own score), gold reward, KL to the
-   reference. At the end: gold reward, and the (final) reward model's accuracy on held-out gold-labelled pairs.
+4. RL against the proxy with `r2m.train`, per arm, 5 seeds each. Per step: proxy reward (the frozen proxy's
+   own score), gold reward, KL to the reference, and the on-policy within-group pairwise agreement with gold
+   of the reward the policy was trained on (and of the frozen proxy, on the same samples); the loop's own
+   diagnostics of the feedback path (attn_rel_change, reward_var_share) go to steps.csv too.
 
-    python experiments/overoptimization.py                          # all methods x 3 seeds (~10 min, 2 cores)
-    python experiments/overoptimization.py --quick --output_dir /tmp/q   # pipeline check (~2 min)
+    python experiments/overoptimization.py --threads 1                 # the study: 8 arms x 5 seeds
+    python experiments/overoptimization.py --quick --output_dir /tmp/q  # pipeline check (< 3 min, 2 cores)
 
 Writes steps.csv (every step of every run), summary.csv / summary.json (the table), and overoptimization.png
-(gold and proxy reward against KL; needs matplotlib, an optional dependency of this script only).
+(gold-vs-KL frontier, proxy-vs-KL, on-policy agreement and feedback diagnostics per step; needs matplotlib,
+an optional dependency of this script only).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import brme  # noqa: E402
 import r2m  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
-# The world and every hyper-parameter, fixed before any comparison is run
+# The world (unchanged from the study's first design)
 # ----------------------------------------------------------------------------------------------------
 
 ITEMS = ["apple", "bike", "car", "dog", "cat", "lamp", "phone", "boat", "tree", "chair",
@@ -57,30 +60,64 @@ WORLD = dict(
     sft_examples=3000, sft_steps=400, sft_lr=3e-3,
     rm_train_pairs=600, rm_heldout_pairs=400, label_noise=0.25, rm_epochs=15, rm_lr=1e-3,
 )
-# RL: the paper's TL;DR ratios at tiny scale (RM lr = policy lr / 6, as 5e-7 vs 3e-6; Ω = 0.6; α = 0.3).
-RL = dict(queries_per_step=16, group_size=4, max_new_tokens=8, temperature=0.7, policy_lr=3e-4, rm_lr=5e-5,
-          policy_epochs=2, policy_minibatch_size=32, micro_batch_size=32, forward_batch_size=64,
-          generation_batch_size=64, rm_minibatch_groups=8, beta=0.05, clip_eps=0.2, d_attn=32,
-          omega_floor=0.6, alpha=0.3, brme_heads=5, brme_lambda=0.4, brme_epochs=10, brme_lr=3e-2)
-STEPS, SEEDS = 120, [0, 1, 2]
-QUICK = dict(steps=40, seeds=[0])  # same world, fewer RL steps and one seed
-# Reporting choices, also fixed in advance: curves are smoothed by a 5-step moving average; "final" is the
-# smoothed value at the last step, "best" the maximum of the smoothed gold curve; the proxy-gold gap is in
-# units of each reward's spread over the SFT policy's samples (step 0); "gold at matched KL" is the smoothed
-# gold reward where the smoothed KL first reaches MATCHED_KL nats.
-SMOOTH, MATCHED_KL = 5, 1.0
 
-METHODS = {  # name -> config overrides
+# ----------------------------------------------------------------------------------------------------
+# The design: every choice below was fixed before any R2M arm (or any other non-vanilla arm) was run.
+# Only vanilla RLOO runs (seed 0 unless said) and one measurement on SFT samples informed it:
+#
+#  V0  The first design (policy lr 3e-4, linear decay, T = 120; results/ of that design): vanilla's gold
+#      peaked at steps 1-12 with KL crossing 1 nat at steps 8-11, while ω(t) >= 0.976: the feedback path
+#      carried <= 2.4% of the reward while over-optimisation happened. ω reaches Ω = 0.6 only at
+#      t = 0.436·T (cos(π t/T) = 0.2), whatever T is.
+#  V1  Vanilla RLOO, T = 150, linear decay, policy lr 1e-4 / 3e-5 / 1.5e-5: the smoothed KL follows the
+#      cumulative learning rate Σlr (KL ≈ 0.5 nat at Σlr ≈ 1.2e-3, ≈ 1 at ≈ 1.7e-3, ≈ 4.4 at ≈ 4.4e-3) and
+#      gold peaks at KL ≈ 0.4-1 (steps 14 / ~60 / ~140). With a linear decay to 0, 68% of a run's Σlr is spent
+#      by t = 0.436·T, so a gold peak well after ω reaches Ω leaves almost no drift for over-optimisation
+#      (lr 1.5e-5: gold still rising at the end, KL 0.6). -> POLICY_LR_SCHEDULE = constant.
+#  V2  Vanilla RLOO, T = 150, constant lr 2e-5 / 3e-5: gold peaks at KL ≈ 0.4-0.6 (steps 47-49, +0.63/+0.64
+#      smoothed), then falls to +0.53 / +0.46 at the end (KL 2.5 / 4.4): over-optimisation is clear. For the
+#      peak to fall at ≈ 0.55-0.6·T (steps 80-90, ω = Ω from step 66) Σlr must reach ≈ 1.2e-3 there:
+#      -> policy lr 1.5e-5 constant, T = 150 (end: Σlr = 2.25e-3, KL ≈ 2 nats, past the peak).
+#  V3  The check of V2's choice, vanilla RLOO at constant lr 1.5e-5, T = 150, seeds 1 and 2: the smoothed gold
+#      rises to a plateau from about step 40 to 110 (peaks +0.646 / +0.625 at steps 76 / 67), the smoothed KL
+#      crosses 1 nat at steps ~100, and gold then falls to +0.537 / +0.533 at step 150 (KL 1.8 / 1.7). So the
+#      over-optimisation (gold falling while KL grows past 1 nat) happens at steps ~100-150, all with ω = Ω.
+#  G   The GREBT budget, from SFT samples and the untrained head only (no R2M run): on 64 prompts x 4 SFT
+#      samples the proxy's within-group reward std is 0.54 (0.32 after the x Ω of Eq. 4), while the untrained
+#      feedback term (1 - Ω)·w·Ĥ has a within-group std of 0.002-0.004 (3 init seeds): ~100x too small to
+#      reorder a group. The chain W_v -> W_o -> φ must gain ~100 ≈ 4.6³, i.e. each matrix must move by a few
+#      times its own size (init rms 0.07-0.10). AdamW moves a weight by at most ≈ lr per optimiser step, so
+#      Σ rm_lr over the run must be >= ~0.3: rm_lr 1.5e-4 x (150 steps x 4 GREBT epochs x 4 minibatches of
+#      4 groups = 2,400 steps) = 0.36. (The paper's TL;DR run: 5e-7 x 122 steps x 64 minibatches ≈ 0.004
+#      per weight against an init rms of ≈ 0.011 at d = 2048, i.e. ~0.3 relative, halved by its lr decay.)
+#      The realised movement is logged every step (feedback/attn_rel_change).
+# ----------------------------------------------------------------------------------------------------
+
+RL = dict(queries_per_step=16, group_size=4, max_new_tokens=8, temperature=0.7,
+          policy_lr=1.5e-5, lr_schedule="constant",  # V1-V3
+          rm_lr=1.5e-4, rm_epochs=4, rm_minibatch_groups=4,  # G
+          policy_epochs=2, policy_minibatch_size=32, micro_batch_size=32, forward_batch_size=64,
+          generation_batch_size=64, beta=0.05, clip_eps=0.2, d_attn=32,
+          omega_floor=0.6, alpha=0.3, brme_heads=5, brme_lambda=0.4, brme_epochs=10, brme_lr=3e-2)
+STEPS, SEEDS = 150, [0, 1, 2, 3, 4]
+# --quick is a pipeline check, not the study: 1 seed, 40 steps, and a policy lr at which 40 steps of RL on
+# the proxy clearly raise the proxy (what its test asserts); every other setting as in the study.
+QUICK = dict(steps=40, seeds=[0], policy_lr=1e-4)
+# Reporting choices, also fixed in advance: curves are smoothed by a 5-step moving average; "final" is the
+# smoothed value at the last step, "best" the maximum of the smoothed gold curve (and its step); "gold @ KL k"
+# is the smoothed gold where the smoothed KL first reaches k nats (n/a for a run that never does); "late" means
+# the steps with ω(t) = Ω (t >= 0.436·T), where R2M's feedback path has its full weight.
+SMOOTH, MATCHED_KL = 5, (0.5, 1.0)
+
+METHODS = {  # name -> config overrides (+ "omega_scaled": the ω(t)·proxy control)
     "rloo": dict(algo="rloo", reward="vanilla"),
-    "grpo": dict(algo="grpo", reward="vanilla"),
+    "rloo ω·proxy": dict(algo="rloo", reward="vanilla", omega_scaled=True),
     "rloo+r2m": dict(algo="rloo", reward="r2m"),
-    "grpo+r2m": dict(algo="grpo", reward="r2m"),
     "r2m w/o train": dict(algo="rloo", reward="r2m_frozen"),
     "r2m w/ noise": dict(algo="rloo", reward="r2m_noise"),
-    "iterative head": dict(algo="rloo", reward="iterative_head"),
-    "r2m w/o GRE (α=0)": dict(algo="rloo", reward="r2m", alpha=0.0),
-    "r2m w/o BT (α=1)": dict(algo="rloo", reward="r2m", alpha=1.0),
     "brme": dict(algo="rloo", reward="brme"),
+    "grpo": dict(algo="grpo", reward="vanilla"),
+    "grpo+r2m": dict(algo="grpo", reward="r2m"),
 }
 
 
@@ -222,14 +259,48 @@ def train_proxy_rm(rm, pairs: list[dict], rng: random.Random, epochs: int) -> No
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4-5. RL per method, with gold reward per step and RM accuracy at the end
+# 4. RL per arm: the control reward, the on-policy diagnostic, RM accuracy at the end
 # ----------------------------------------------------------------------------------------------------
+
+
+class OmegaScaledProxy(r2m.FrozenRewardBody):
+    """Control arm: vanilla RL on ω(t)·proxy, ω(t) the schedule of Eq. 4.
+
+    After ω reaches Ω, R2M's reward is Ω·(proxy) plus the feedback term; with RLOO's unnormalised advantages
+    the factor Ω alone acts like a larger β. This arm has the factor and nothing else, so the difference
+    R2M - this arm is what the feedback path and GREBT add. The loop scores vanilla arms at ω = 1; `step` is
+    the RL step being annotated, advanced by the study's on_step after every step."""
+
+    def __init__(self, reward_model, total_steps: int, floor: float):
+        super().__init__(reward_model)
+        self.total_steps, self.floor, self.step = total_steps, floor, 0
+
+    def rewards_from_embedding(self, rte, h=None, h_mask=None, omega: float = 1.0) -> torch.Tensor:
+        """(B, D_rm) -> (B,) ω(step)·proxy; h and the loop's ω are ignored (no policy feedback)."""
+        proxy = self.reward_model.score(rte.to(self.reward_model.score.weight.dtype)).squeeze(-1).float()
+        return r2m.omega(self.step, self.total_steps, self.floor) * proxy
+
+
+def pairwise_agreement(scores: list[float], gold: list[float], group_size: int) -> tuple[float, int]:
+    """Within each group of `group_size` consecutive samples, over the pairs whose gold rewards differ: the
+    fraction that `scores` orders the same way as gold (a tie in `scores` counts 1/2).
+    -> (agreement, number of such pairs); agreement is NaN when no pair's gold differs."""
+    agree, pairs = 0.0, 0
+    for g in range(0, len(gold), group_size):
+        for i in range(g, g + group_size):
+            for j in range(i + 1, g + group_size):
+                if gold[i] == gold[j]:
+                    continue
+                pairs += 1
+                d = (scores[i] - scores[j]) * (gold[i] - gold[j])
+                agree += 1.0 if d > 0 else (0.5 if d == 0 else 0.0)
+    return (agree / pairs if pairs else math.nan), pairs
 
 
 @torch.no_grad()
 def rm_accuracy(reward_model, policy, mode: r2m.RewardMode, pairs: list[dict], omega: float) -> float:
-    """Fraction of held-out gold-labelled pairs the final reward model orders right. R2M variants score with
-    feedback from the final policy's hidden states over the same tokens, at ω(T) = Ω."""
+    """Fraction of held-out gold-labelled pairs (SFT samples) the final reward model orders right. R2M variants
+    score with feedback from the final policy's hidden states over the same tokens, at ω(T) = Ω."""
     scores = {}
     for side in ("chosen", "rejected"):
         ids, mask = pair_batch(pairs, side)
@@ -243,26 +314,35 @@ def rm_accuracy(reward_model, policy, mode: r2m.RewardMode, pairs: list[dict], o
     return (scores["chosen"] > scores["rejected"]).float().mean().item()
 
 
-def run_method(name: str, seed: int, steps: int, world: dict, out_dir: str) -> list[dict]:
-    tokenizer, sft_policy, proxy = world["tokenizer"], world["policy"], world["proxy"]
-    overrides = METHODS[name]
-    cfg = r2m.R2MConfig(**{**RL, **overrides}, total_trajectories=steps * RL["queries_per_step"] * RL["group_size"],
-                        device="cpu", seed=seed, save_every=0, sample_every=0, overwrite=True,
-                        output_dir=os.path.join(out_dir, "runs", f"{name}-seed{seed}".replace(" ", "_")))
-    policy, ref_policy, rm = copy.deepcopy(sft_policy), copy.deepcopy(sft_policy), copy.deepcopy(proxy)
+def build_reward_model(name: str, cfg: r2m.R2MConfig, proxy, world: dict):
+    """The arm's reward model around (a copy of) the frozen proxy."""
     mode = r2m.REWARD_MODES[cfg.reward]
+    if METHODS[name].get("omega_scaled"):
+        return OmegaScaledProxy(proxy, cfg.total_steps, cfg.omega_floor)
     if mode.ensemble:
-        reward_model = brme.BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=seed)
+        reward_model = brme.BRMEReward(proxy, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
         train_pairs = world["train_pairs"]
         brme.fit_brme_heads(reward_model, reward_model.reward_token_embedding(*pair_batch(train_pairs, "chosen")),
                            reward_model.reward_token_embedding(*pair_batch(train_pairs, "rejected")),
-                           cfg.brme_epochs, cfg.brme_lr, seed=seed, sigma_prior=cfg.brme_sigma_prior)
-    else:
-        reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=cfg.d_attn)
+                           cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed, sigma_prior=cfg.brme_sigma_prior)
+        return reward_model
+    return r2m.R2MRewardModel(proxy, d_policy=64, d_attn=cfg.d_attn, seed=cfg.seed)
+
+
+def run_method(name: str, seed: int, steps: int, world: dict, out_dir: str, rl: dict = RL) -> list[dict]:
+    tokenizer, sft_policy = world["tokenizer"], world["policy"]
+    overrides = {k: v for k, v in METHODS[name].items() if k != "omega_scaled"}
+    cfg = r2m.R2MConfig(**{**rl, **overrides}, total_trajectories=steps * rl["queries_per_step"] * rl["group_size"],
+                        device="cpu", seed=seed, save_every=0, sample_every=0, overwrite=True,
+                        output_dir=os.path.join(out_dir, "runs", f"{name}-seed{seed}".replace(" ", "_")))
+    policy, ref_policy, rm = copy.deepcopy(sft_policy), copy.deepcopy(sft_policy), copy.deepcopy(world["proxy"])
+    mode = r2m.REWARD_MODES[cfg.reward]
+    reward_model = build_reward_model(name, cfg, rm, world)
     prompt_items = world["prompt_items"]
 
     def on_step(step, ro, rewards):
-        """Gold and frozen-proxy rewards of this step's samples."""
+        """Gold and frozen-proxy rewards of this step's samples, and how well the reward the policy was
+        trained on (and the frozen proxy) order each group's samples the way gold does."""
         golds = []
         P = ro.prompt_len
         for row in range(ro.query_responses.shape[0]):
@@ -273,8 +353,13 @@ def run_method(name: str, seed: int, steps: int, world: dict, out_dir: str) -> l
             golds.append(gold_reward(prompt_items[key], words, finished))
         with torch.no_grad():  # the proxy's own, untouched score head on the cached reward-token embeddings
             proxy_scores = rm.score(ro.reward_token_embedding.to(rm.score.weight.dtype)).squeeze(-1)
+        if isinstance(reward_model, OmegaScaledProxy):
+            reward_model.step = step + 1  # the next annotation is step + 1's
+        agree_used, pairs = pairwise_agreement(rewards.tolist(), golds, cfg.group_size)
+        agree_proxy, _ = pairwise_agreement(proxy_scores.tolist(), golds, cfg.group_size)
         return {"gold": statistics.fmean(golds), "proxy": proxy_scores.mean().item(),
-                "gold_std": statistics.pstdev(golds), "proxy_std": proxy_scores.std().item()}
+                "gold_std": statistics.pstdev(golds), "proxy_std": proxy_scores.std().item(),
+                "agree/used": agree_used, "agree/proxy": agree_proxy, "agree/pairs": pairs}
 
     history = r2m.train(policy, ref_policy, reward_model, tokenizer, world["prompts"], cfg, on_step=on_step)
     acc = rm_accuracy(reward_model, policy, mode, world["heldout_pairs"], r2m.omega(steps - 1, steps, cfg.omega_floor)
@@ -284,45 +369,62 @@ def run_method(name: str, seed: int, steps: int, world: dict, out_dir: str) -> l
     return history
 
 
+# ----------------------------------------------------------------------------------------------------
+# 5. Summaries, the table, the plot
+# ----------------------------------------------------------------------------------------------------
+
+
 def smooth(xs: list[float]) -> list[float]:
     return [statistics.fmean(xs[max(0, i - SMOOTH + 1) : i + 1]) for i in range(len(xs))]
 
 
+def nanmean(xs) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.fmean(xs) if xs else math.nan
+
+
+def first_full_weight_step(steps: int, floor: float) -> int:
+    """The first t with ω(t) = Ω: where 'late' starts."""
+    return next(t for t in range(steps) if r2m.omega(t, steps, floor) == floor)
+
+
 def run_summary(history: list[dict]) -> dict:
-    gold, proxy, kl = smooth([h["gold"] for h in history]), smooth([h["proxy"] for h in history]), smooth([h["kl/sequence"] for h in history])
-    g0, p0 = history[0]["gold"], history[0]["proxy"]
-    gs, ps = history[0]["gold_std"] or 1.0, history[0]["proxy_std"] or 1.0
-    matched = next((g for g, k in zip(gold, kl) if k >= MATCHED_KL), None)
-    return {"final_gold": gold[-1], "best_gold": max(gold), "final_proxy": proxy[-1], "final_kl": kl[-1],
-            "gap": (proxy[-1] - p0) / ps - (gold[-1] - g0) / gs, "gold_at_kl": matched,
-            "rm_accuracy": history[-1]["rm_accuracy"], "sft_gold": g0}
+    gold, proxy, kl = (smooth([h[k] for h in history]) for k in ("gold", "proxy", "kl/sequence"))
+    late = history[first_full_weight_step(len(history), RL["omega_floor"]):]
+    best = max(range(len(gold)), key=gold.__getitem__)
+    out = {"final_gold": gold[-1], "best_gold": gold[best], "best_step": best, "final_proxy": proxy[-1],
+           "final_kl": kl[-1], "sft_gold": history[0]["gold"], "rm_accuracy": history[-1]["rm_accuracy"],
+           "agree_used_late": nanmean(h["agree/used"] for h in late),
+           "agree_proxy_late": nanmean(h["agree/proxy"] for h in late),
+           "attn_change": history[-1].get("feedback/attn_rel_change"),
+           "var_share_late": nanmean(h.get("feedback/reward_var_share") for h in late)}
+    for k in MATCHED_KL:
+        out[f"gold_at_kl{k}"] = next((g for g, x in zip(gold, kl) if x >= k), None)
+    return out
 
 
-def mean_spread(xs: list) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
+TABLE = [  # (summary key, column title, format)
+    ("final_gold", "final gold", "+.3f"), ("best_gold", "best gold", "+.3f"), ("best_step", "best-gold step", ".0f"),
+    *[(f"gold_at_kl{k}", f"gold @ KL {k}", "+.3f") for k in MATCHED_KL],
+    ("final_kl", "final KL", ".2f"), ("agree_used_late", "agreement, reward used (late)", ".3f"),
+    ("agree_proxy_late", "agreement, proxy (late)", ".3f"), ("attn_change", "attn ‖Δθ‖/‖θ₀‖ (final)", ".3f"),
+    ("var_share_late", "feedback var share (late)", ".3f"), ("rm_accuracy", "held-out RM accuracy", ".3f"),
+]
+
+
+def mean_spread(xs: list, fmt: str) -> str:
+    """mean ± std (population) over the runs that have the value; '(k/n)' when only k of n runs do."""
+    have = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not have:
         return "n/a"
-    if len(xs) == 1:
-        return f"{xs[0]:+.3f}"
-    return f"{statistics.fmean(xs):+.3f} ± {statistics.pstdev(xs):.3f}"
+    text = f"{statistics.fmean(have):{fmt}}" if len(have) == 1 else \
+        f"{statistics.fmean(have):{fmt}} ± {statistics.pstdev(have):{fmt.lstrip('+')}}"
+    return text if len(have) == len(xs) else f"{text} ({len(have)}/{len(xs)})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Pipeline check: 40 steps, 1 seed (about 2 minutes).")
-    parser.add_argument("--output_dir", default="runs/overoptimization", help="Where steps.csv, summary.* and the plot go.")
-    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of: " + ", ".join(METHODS))
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads.")
-    args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",")]
-    if any(m not in METHODS for m in methods):
-        raise SystemExit(f"error: --methods must come from {list(METHODS)}")
-    torch.set_num_threads(args.threads)
-    os.makedirs(args.output_dir, exist_ok=True)
-    steps, seeds = (QUICK["steps"], QUICK["seeds"]) if args.quick else (STEPS, SEEDS)
-    t0 = time.perf_counter()
-
-    # 1-3: the world, the SFT policy, the proxy RM (fixed seed: the same for every method and RL seed)
+def build_world(threads: int) -> tuple[dict, float]:
+    """1-3: the world, the SFT policy, the proxy RM (fixed seed: the same for every arm and RL seed).
+    -> (world, proxy RM accuracy on held-out gold pairs)."""
     rng = random.Random(1234)
     tokenizer = build_tokenizer()
     policy = tiny_lm(tokenizer, seed=0)
@@ -332,57 +434,120 @@ def main() -> None:
     proxy = tiny_lm(tokenizer, seed=1, classifier=True)
     train_proxy_rm(proxy, train_pairs, rng, WORLD["rm_epochs"])
     with torch.no_grad():
-        proxy_acc = (proxy(*pair_batch(heldout_pairs, "chosen")).logits > proxy(*pair_batch(heldout_pairs, "rejected")).logits).float().mean().item()
+        proxy_acc = (proxy(*pair_batch(heldout_pairs, "chosen")).logits
+                     > proxy(*pair_batch(heldout_pairs, "rejected")).logits).float().mean().item()
     posts = [make_post(rng) for _ in range(256)]
     prompts = [tokenizer(prompt_text(w))["input_ids"] for w, _ in posts]
     world = {"tokenizer": tokenizer, "policy": policy, "proxy": proxy, "prompts": prompts,
              "prompt_items": {tuple(p): items for p, (_, items) in zip(prompts, posts)},
              "train_pairs": train_pairs, "heldout_pairs": heldout_pairs}
-    print(f"world ready in {time.perf_counter() - t0:.0f}s: proxy RM accuracy on held-out gold pairs {proxy_acc:.3f}")
+    return world, proxy_acc
 
-    # 4-5: RL per method and seed
+
+STEP_FIELDS = ["method", "seed", "step", "omega", "kl/sequence", "kl/token", "gold", "proxy", "reward/mean",
+               "agree/used", "agree/proxy", "agree/pairs", "feedback/attn_rel_change", "feedback/reward_var_share",
+               "rm/grebt", "rm_accuracy", "time/step"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="Pipeline check: every arm, 1 seed, 40 steps at a larger policy lr (under 3 minutes).")
+    parser.add_argument("--output_dir", default="runs/overoptimization", help="Where steps.csv, summary.* and the plot go.")
+    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (1 on a shared machine).")
+    parser.add_argument("--from_steps", default=None,
+                        help="Only rebuild summary.* and the plot in --output_dir from this steps.csv (no training).")
+    args = parser.parse_args()
+    if args.from_steps:
+        histories = histories_from_steps_csv(args.from_steps)
+        steps = len(next(iter(histories.values()))[0])
+        os.makedirs(args.output_dir, exist_ok=True)
+        report(histories, {"steps": steps, "rl": RL, "from_steps": args.from_steps,
+                           "omega_floor_from_step": first_full_weight_step(steps, RL["omega_floor"])}, args.output_dir)
+        return
+    methods = [m.strip() for m in args.methods.split(",")]
+    if any(m not in METHODS for m in methods):
+        raise SystemExit(f"error: --methods must come from {list(METHODS)}")
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    steps, seeds = (QUICK["steps"], QUICK["seeds"]) if args.quick else (STEPS, SEEDS)
+    rl = {**RL, "policy_lr": QUICK["policy_lr"]} if args.quick else RL
+    t0 = time.perf_counter()
+
+    world, proxy_acc = build_world(args.threads)
+    print(f"world ready in {time.perf_counter() - t0:.0f}s: proxy RM accuracy on held-out gold pairs {proxy_acc:.3f}")
+    t_full = first_full_weight_step(steps, rl["omega_floor"])
+    print(f"{steps} steps; ω(t) = Ω = {rl['omega_floor']} from step {t_full}")
+
+    # 4: RL per arm and seed, every step written as it finishes
     histories: dict[str, list[list[dict]]] = {m: [] for m in methods}
+    run_seconds: list[float] = []
     with open(os.path.join(args.output_dir, "steps.csv"), "w", newline="") as f:
-        fields = ["method", "seed", "step", "kl/sequence", "gold", "proxy", "reward/mean", "omega", "rm_accuracy"]
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=STEP_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for seed in seeds:
             for m in methods:
-                history = run_method(m, seed, steps, world, args.output_dir)
+                t_run = time.perf_counter()
+                history = run_method(m, seed, steps, world, args.output_dir, rl)
+                run_seconds.append(time.perf_counter() - t_run)
                 writer.writerows(history)
                 f.flush()
                 histories[m].append(history)
                 s = run_summary(history)
-                print(f"[{time.perf_counter() - t0:5.0f}s] {m:18s} seed {seed}: gold {s['sft_gold']:+.3f} -> "
-                      f"{s['final_gold']:+.3f}, proxy {history[0]['proxy']:+.3f} -> {s['final_proxy']:+.3f}, "
-                      f"KL {s['final_kl']:.2f}, RM acc {s['rm_accuracy']:.3f}", flush=True)
+                print(f"[{time.perf_counter() - t0:5.0f}s] {m:14s} seed {seed}: gold {s['sft_gold']:+.3f} -> "
+                      f"{s['final_gold']:+.3f} (best {s['best_gold']:+.3f} at step {s['best_step']}), proxy "
+                      f"{history[0]['proxy']:+.3f} -> {s['final_proxy']:+.3f}, KL {s['final_kl']:.2f}, agreement "
+                      f"late {s['agree_used_late']:.3f} (proxy {s['agree_proxy_late']:.3f}), {run_seconds[-1]:.0f}s",
+                      flush=True)
 
-    # the table
+    # 5: the table and the plot
+    meta = {"steps": steps, "seeds": seeds, "world": WORLD, "rl": rl, "matched_kl": MATCHED_KL,
+            "omega_floor_from_step": t_full, "proxy_heldout_accuracy": proxy_acc,
+            "seconds": time.perf_counter() - t0, "seconds_per_run_mean": statistics.fmean(run_seconds),
+            "threads": args.threads}
+    report(histories, meta, args.output_dir)
+
+
+def report(histories: dict[str, list[list[dict]]], meta: dict, output_dir: str) -> None:
+    """summary.csv / summary.json (mean ± std over seeds per arm), the table on stdout, and the plot."""
     rows = []
-    for m in methods:
-        sums = [run_summary(h) for h in histories[m]]
-        rows.append({"method": m, **{k: mean_spread([s[k] for s in sums]) for k in
-                                     ["final_gold", "best_gold", "gap", "gold_at_kl", "final_kl", "rm_accuracy"]}})
-    with open(os.path.join(args.output_dir, "summary.csv"), "w", newline="") as f:
+    for m, hs in histories.items():
+        sums = [run_summary(h) for h in hs]
+        rows.append({"method": m, "seeds": len(hs), **{k: mean_spread([s[k] for s in sums], fmt) for k, _, fmt in TABLE}})
+    with open(os.path.join(output_dir, "summary.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    meta = {"steps": steps, "seeds": seeds, "world": WORLD, "rl": RL, "matched_kl": MATCHED_KL,
-            "proxy_heldout_accuracy": proxy_acc, "sft_gold": statistics.fmean(h[0]["gold"] for hs in histories.values() for h in hs),
-            "seconds": time.perf_counter() - t0}
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+    meta["sft_gold"] = statistics.fmean(h[0]["gold"] for hs in histories.values() for h in hs)
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump({"meta": meta, "table": rows}, f, indent=1)
-    header = f"| method | final gold | best gold | proxy−gold gap | gold @ KL {MATCHED_KL} | final KL | RM accuracy |"
-    print("\n" + header + "\n|" + "---|" * 7)
+    print("\n| method | seeds | " + " | ".join(title for _, title, _ in TABLE) + " |\n|" + "---|" * (len(TABLE) + 2))
     for r in rows:
-        print(f"| {r['method']} | {r['final_gold']} | {r['best_gold']} | {r['gap']} | {r['gold_at_kl']} | "
-              f"{r['final_kl']} | {r['rm_accuracy']} |")
-    print(f"\nSFT policy gold reward {meta['sft_gold']:+.3f}; proxy RM held-out accuracy {proxy_acc:.3f}; "
-          f"{len(seeds)} seed(s) x {steps} steps; {meta['seconds']:.0f}s")
-    plot(histories, os.path.join(args.output_dir, "overoptimization.png"))
+        print(f"| {r['method']} | {r['seeds']} | " + " | ".join(r[k] for k, _, _ in TABLE) + " |")
+    print(f"\nSFT policy gold reward {meta['sft_gold']:+.3f}; proxy RM held-out accuracy "
+          f"{meta.get('proxy_heldout_accuracy')}; {meta['steps']} steps; late = steps >= {meta['omega_floor_from_step']}; "
+          f"{meta.get('seconds') or 0:.0f}s ({meta.get('seconds_per_run_mean') or 0:.0f}s per run)")
+    plot(histories, meta["omega_floor_from_step"], os.path.join(output_dir, "overoptimization.png"))
 
 
-def plot(histories: dict, path: str) -> None:
+def histories_from_steps_csv(path: str) -> dict[str, list[list[dict]]]:
+    """steps.csv -> {arm: [one run's per-step records, per seed]}, numbers as floats and empty cells as None
+    (the table and plot of a study that was stopped early, or re-plotted)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            record = {k: (v if k == "method" else (float(v) if v != "" else None)) for k, v in row.items()}
+            runs.setdefault((row["method"], row["seed"]), []).append(record)
+    longest = max(len(h) for h in runs.values())
+    histories: dict[str, list[list[dict]]] = {}
+    for (m, _), h in runs.items():
+        if len(h) == longest:  # a run cut off mid-way is left out
+            histories.setdefault(m, []).append(h)
+    return histories
+
+
+def plot(histories: dict, t_full: int, path: str) -> None:
     try:
         import matplotlib
 
@@ -391,17 +556,28 @@ def plot(histories: dict, path: str) -> None:
     except ImportError:
         print("matplotlib not installed: no plot (steps.csv has every number)")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    for m, hs in histories.items():
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for i, (m, hs) in enumerate(histories.items()):
         steps = min(len(h) for h in hs)
-        mean = lambda key: smooth([statistics.fmean(h[i][key] for h in hs) for i in range(steps)])  # noqa: E731
+        mean = lambda key: smooth([nanmean(h[i].get(key) for h in hs) for i in range(steps)])  # noqa: E731
         kl = mean("kl/sequence")
-        style = "-" if "r2m" in m else ("--" if m in ("rloo", "grpo") else ":")
-        axes[0].plot(kl, mean("gold"), style, label=m)
-        axes[1].plot(kl, mean("proxy"), style, label=m)
-    axes[0].set(title="gold reward (what we want)", xlabel="KL to reference (nats)", ylabel="gold")
-    axes[1].set(title="proxy reward (what the policy optimises)", xlabel="KL to reference (nats)", ylabel="proxy")
-    axes[1].legend(fontsize=7)
+        look = dict(color=f"C{i}", ls="-" if "r2m" in m else ("--" if m in ("rloo", "grpo") else ":"))
+        axes[0, 0].plot(kl, mean("gold"), **look, label=m)
+        axes[0, 1].plot(kl, mean("proxy"), **look, label=m)
+        axes[1, 0].plot(mean("agree/used"), **look, label=m)
+        if hs[0][0].get("feedback/attn_rel_change") is not None:
+            axes[1, 1].plot(mean("feedback/reward_var_share"), color=f"C{i}", label=f"{m}: feedback var share")
+            axes[1, 1].plot(mean("feedback/attn_rel_change"), color=f"C{i}", ls="--", label=f"{m}: attn ‖Δθ‖/‖θ₀‖")
+    for ax in axes[1]:
+        ax.axvline(t_full, color="grey", lw=0.8)
+        ax.text(t_full, ax.get_ylim()[1], " ω = Ω", va="top", fontsize=8, color="grey")
+    axes[0, 0].set(title="gold reward vs KL: the frontier (mean over seeds)", xlabel="KL to reference (nats)", ylabel="gold")
+    axes[0, 1].set(title="proxy reward (what vanilla optimises)", xlabel="KL to reference (nats)", ylabel="proxy")
+    axes[1, 0].set(title="on-policy within-group agreement with gold of the reward used", xlabel="step",
+                   ylabel="fraction of pairs ordered as gold")
+    axes[1, 1].set(title="R2M feedback path: variance share and weight change", xlabel="step")
+    axes[0, 1].legend(fontsize=7)
+    axes[1, 1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

@@ -115,6 +115,19 @@ def test_heterogeneous_pair_runs_a_step(tmp_path, tokenizer, prompts):
     assert ids[-1] == rm_tokenizer.eos_token_id
 
 
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_lr_schedule(tmp_path, tokenizer, models, prompts, schedule):
+    """--lr_schedule: policy and RM-head learning rates decay linearly to 0 over T, or stay constant."""
+    policy, ref_policy, rm = models
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    cfg = tiny_cfg(tmp_path, lr_schedule=schedule, total_trajectories=8 * 4 * 4, policy_lr=1e-3)  # T = 4
+    history = r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
+    expected = [1e-3 * (1 - (t + 1) / 4) if schedule == "linear" else 1e-3 for t in range(4)]
+    assert [h["lr/policy"] for h in history] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        tiny_cfg(tmp_path, lr_schedule="cosine").validate()
+
+
 @pytest.mark.parametrize("algo", ["rloo", "grpo"])
 def test_tiny_run_raises_a_fixed_reward(tmp_path, tokenizer, models, prompts, algo):
     """Frozen tiny RM as a fixed reward. Short responses (3 tokens) keep credit assignment easy enough for
