@@ -131,6 +131,10 @@ class R2MConfig:
     )
     sample_every: int = field(default=10, metadata={"help": "Print a few (prompt, response, reward) every N steps."})
     resume: bool = field(default=False, metadata={"help": "Continue from output_dir/checkpoint if it exists."})
+    merge_on_save: bool = field(
+        default=False,
+        metadata={"help": "LoRA only: checkpoints also hold policy/, the policy with its adapter merged (a full model)."},
+    )
 
     @property
     def trajectories_per_step(self) -> int:
@@ -871,6 +875,9 @@ def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Mo
     for m in (policy, ref_policy, reward_model):
         disable_dropout(m)
     policy.to(rt.device, torch.float32)
+    for p in policy.parameters():  # LoRA (lora.py): the frozen base weights are stored like the reference's
+        if not p.requires_grad:
+            p.data = p.data.to(frozen_dtype)
     ref_policy.to(rt.device, frozen_dtype).eval().requires_grad_(False)
     reward_model.reward_model.to(rt.device, frozen_dtype).eval()
     for module in reward_model.children():
@@ -906,9 +913,14 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
     final = os.path.join(output_dir, CHECKPOINT_DIR)
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(os.path.join(tmp, "policy"))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+    if hasattr(policy, "peft_config"):  # LoRA (lora.py): the adapter, and a merged policy/ with --merge_on_save
+        import lora
+
+        lora.save_adapter(policy, tokenizer, tmp, cfg.merge_on_save)
+    else:
+        policy.save_pretrained(os.path.join(tmp, "policy"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, "policy"))
     torch.save(
         {
             "step": step,  # last completed step
@@ -942,9 +954,14 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
                 f"error: {path} was written with --{key} {state['config'][key]}, not {getattr(cfg, key)}; "
                 "resume with the same settings or use another --output_dir"
             )
-    saved = type(policy).from_pretrained(os.path.join(path, "policy"), dtype=torch.float32)
-    policy.load_state_dict(saved.state_dict())
-    del saved
+    if hasattr(policy, "peft_config") or os.path.isdir(os.path.join(path, "adapter")):  # LoRA (lora.py)
+        import lora
+
+        lora.load_adapter(policy, path)
+    else:
+        saved = type(policy).from_pretrained(os.path.join(path, "policy"), dtype=torch.float32)
+        policy.load_state_dict(saved.state_dict())
+        del saved
     reward_model.load_trainable_state_dict(state["reward_model"])
     for k, o in optimizers.items():
         o.load_state_dict(state["optimizers"][k])
@@ -974,6 +991,7 @@ def train(
     rm_view: Optional[RMView] = None,
     rm_pad_id: int = 0,
     on_step: Optional[Callable[[int, Rollout, torch.Tensor], dict]] = None,
+    tracker=None,
 ) -> list[dict]:
     """Run Algorithm 1 for cfg.total_steps steps; returns the per-step metrics (also in metrics.jsonl).
 
@@ -982,7 +1000,9 @@ def train(
     prompt_texts: the raw prompts (what the RM reads); rm_view: None when the RM shares the policy's
     tokenizer (it then reads the policy's token ids), else `make_rm_view(rm_tokenizer, ...)`.
     on_step(step, rollout, rewards (N,)) -> dict: extra metrics for the step's record (e.g. a gold reward in
-    a controlled experiment); called after the step's updates."""
+    a controlled experiment); called after the step's updates.
+    tracker: None, or an experiment tracker (`tracking.py`: TensorBoard / W&B); `tracker.log(record, samples)`
+    gets each step's metrics record and the (prompt, response, reward) samples printed at that step, if any."""
     cfg.validate()
     if not prompts:
         raise ValueError("no prompts to train on")
@@ -1093,6 +1113,7 @@ def train(
             + (f" | grebt {rstats['rm/grebt']:.4f}" if rstats else "")
             + f" | {record['time/step']:.1f}s"
         )
+        samples = []
         if cfg.sample_every and step % cfg.sample_every == 0:
             for row in range(0, min(2 * K, len(batch) * K), K):
                 prompt = tokenizer.decode(batch[row // K], skip_special_tokens=True)
@@ -1100,6 +1121,9 @@ def train(
                     ro.query_responses[row, ro.prompt_len :][ro.response_mask[row].bool()], skip_special_tokens=True
                 )
                 tqdm.write(f"  [sample] ...{prompt[-120:]!r} -> {response!r}  reward {rewards[row].item():+.3f}")
+                samples.append({"prompt": prompt, "response": response, "reward": rewards[row].item()})
+        if tracker is not None:
+            tracker.log(record, samples)
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == T - 1):
             save_checkpoint(cfg.output_dir, step, policy, tokenizer, reward_model, optimizers, schedulers, cfg)
     return history
