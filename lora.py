@@ -1,7 +1,7 @@
 """LoRA for one-GPU runs of big policies (optional dependency: pip install peft).
 
-    python train_ultrafeedback.py --lora_r 16 --policy_lr 1e-5          # LLaMA3-8B-Instruct on one 80 GB GPU
-    python train_ultrafeedback.py --lora_r 16 --merge_on_save true      # + a merged checkpoint/policy folder
+    python train_ultrafeedback.py --lora_r 16                          # LLaMA3-8B-Instruct on one 80 GB GPU
+    python train_ultrafeedback.py --lora_r 16 --merge_on_save true     # + a merged checkpoint/policy folder
 
 Choice (the paper fine-tunes the whole policy): with --lora_r > 0 the policy trains a LoRA adapter
 (W + (α/r)·B·A on the chosen linear layers, B = 0 at start so the first policy is exactly the SFT model) and
