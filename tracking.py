@@ -74,12 +74,16 @@ class WandbTracker(Tracker):
             raise SystemExit("error: --report_to wandb needs the wandb package: pip install wandb") from None
         self.wandb = wandb
         os.makedirs(output_dir, exist_ok=True)
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "r2m"),
-            name=os.path.basename(os.path.normpath(output_dir)),
-            dir=output_dir,
-            config=config,
-        )
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "r2m"),
+                name=os.path.basename(os.path.normpath(output_dir)),
+                dir=output_dir,
+                config=config,
+            )
+        except Exception as e:  # noqa: BLE001 - e.g. no API key; the user needs one line and a way out
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"error: wandb could not start a run ({first}); `wandb login`, or WANDB_MODE=offline") from None
         self.sample_rows: list[list] = []
 
     def log(self, record: dict, samples: list[dict]) -> None:

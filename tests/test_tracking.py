@@ -117,3 +117,16 @@ def test_bad_report_to_is_one_clear_line(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "error: --report_to must be one of none, tensorboard, wandb, got 'mlflow'"
+
+
+def test_wandb_without_an_account_is_one_clear_line(tmp_path):
+    """Online mode with no stored login and no key: one line that says what to do (a fresh interpreter, since
+    W&B keeps process-wide settings from earlier runs)."""
+    pytest.importorskip("wandb", reason="pip install wandb (.ci/run installs it)")
+    env = {k: v for k, v in ENV.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"))  # no ~/.netrc, no login
+    proc = subprocess.run([sys.executable, "-c", f"import tracking; tracking.make_tracker('wandb', {str(tmp_path / 'run')!r}, {{}})"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("error: wandb could not start a run (") and "WANDB_MODE=offline" in last
+    assert "Traceback" not in proc.stderr
