@@ -53,6 +53,8 @@ class RunOptions:
         default=0, metadata={"help": "Rank of a LoRA adapter trained instead of the whole policy (pip install peft); "
                              "0 = full fine-tuning, as in the paper."}
     )
+    # Choice (the paper fine-tunes the whole policy, so it gives no LoRA settings): α = 32 and every linear layer
+    # but the LM head by default.
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA α: the adapter's update is scaled by α / r."})
     lora_target_modules: str = field(
         default="all-linear",
