@@ -159,6 +159,10 @@ class R2MConfig:
     overwrite: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds a run (deletes it)."})
     max_nonfinite_steps: int = field(default=3, metadata={
         "help": "Stop after this many steps in a row with a non-finite reward, loss or gradient norm (updates skipped)."})
+    merge_on_save: bool = field(
+        default=False,
+        metadata={"help": "LoRA only: checkpoints also hold policy/, the policy with its adapter merged (a full model)."},
+    )
 
     @property
     def trajectories_per_step(self) -> int:
@@ -1245,6 +1249,9 @@ def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Mo
     for m in (policy, ref_policy, reward_model):
         disable_dropout(m)
     policy.to(rt.device, torch.float32)
+    for p in policy.parameters():  # LoRA (lora.py): the frozen base weights are stored like the reference's
+        if not p.requires_grad:
+            p.data = p.data.to(frozen_dtype)
     ref_policy.to(rt.device, frozen_dtype).eval().requires_grad_(False)
     reward_model.reward_model.to(rt.device, frozen_dtype).eval()
     for module in reward_model.children():
@@ -1393,9 +1400,14 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
                             f"the last good one stays in {find_checkpoint(output_dir) or 'nowhere yet'}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        policy.save_pretrained(os.path.join(tmp, "policy"))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+        if hasattr(policy, "peft_config"):  # LoRA (lora.py): the adapter, and a merged policy/ with --merge_on_save
+            import lora
+
+            lora.save_adapter(policy, tokenizer, tmp, cfg.merge_on_save)
+        else:
+            policy.save_pretrained(os.path.join(tmp, "policy"))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(os.path.join(tmp, "policy"))
         torch.save(state, os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
             json.dump({"step": step, "config": state["config"]}, f)
@@ -1431,9 +1443,14 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
     for note in resume_notes(_marker(final)["config"], cfg):
         tqdm.write(f"note: {note}")
     state = torch.load(os.path.join(final, "state.pt"), map_location="cpu", weights_only=False)
-    saved = type(policy).from_pretrained(os.path.join(final, "policy"), dtype=torch.float32)
-    policy.load_state_dict(saved.state_dict())
-    del saved
+    if hasattr(policy, "peft_config") or os.path.isdir(os.path.join(final, "adapter")):  # LoRA (lora.py)
+        import lora
+
+        lora.load_adapter(policy, final)
+    else:
+        saved = type(policy).from_pretrained(os.path.join(final, "policy"), dtype=torch.float32)
+        policy.load_state_dict(saved.state_dict())
+        del saved
     reward_model.load_trainable_state_dict(state["reward_model"])
     for k, o in optimizers.items():
         o.load_state_dict(state["optimizers"][k])
@@ -1493,6 +1510,7 @@ def train(
     rm_view: Optional[RMView] = None,
     rm_pad_id: int = 0,
     on_step: Optional[Callable[[int, Rollout, torch.Tensor], dict]] = None,
+    tracker=None,
 ) -> list[dict]:
     """Run Algorithm 1 for cfg.total_steps steps; returns the per-step metrics (also in metrics.jsonl).
 
@@ -1501,7 +1519,9 @@ def train(
     prompt_texts: the raw prompts (what the RM reads); rm_view: None when the RM shares the policy's
     tokenizer (it then reads the policy's token ids), else `make_rm_view(rm_tokenizer, ...)`.
     on_step(step, rollout, rewards (N,)) -> dict: extra metrics for the step's record (e.g. a gold reward in
-    a controlled experiment); called after the step's updates."""
+    a controlled experiment); called after the step's updates.
+    tracker: None, or an experiment tracker (`tracking.py`: TensorBoard / W&B); `tracker.log(record, samples)`
+    gets each step's metrics record and the (prompt, response, reward) samples printed at that step, if any."""
     cfg.validate()
     if not prompts:
         raise ValueError("no prompts to train on")
@@ -1635,6 +1655,7 @@ def train(
             + (f" | grebt {rstats['rm/grebt']:.4f}" if rstats else "")
             + f" | {record['time/step']:.1f}s"
         )
+        samples = []
         if cfg.sample_every and step % cfg.sample_every == 0:
             for row in range(0, min(2 * K, len(batch) * K), K):
                 prompt = tokenizer.decode(batch[row // K], skip_special_tokens=True)
@@ -1642,6 +1663,9 @@ def train(
                     ro.query_responses[row, ro.prompt_len :][ro.response_mask[row].bool()], skip_special_tokens=True
                 )
                 tqdm.write(f"  [sample] ...{prompt[-120:]!r} -> {response!r}  reward {rewards[row].item():+.3f}")
+                samples.append({"prompt": prompt, "response": response, "reward": rewards[row].item()})
+        if tracker is not None:
+            tracker.log(record, samples)
         bad = next((k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)), None)
         nonfinite_streak = nonfinite_streak + 1 if bad or record["nonfinite/skipped_updates"] else 0
         if nonfinite_streak >= cfg.max_nonfinite_steps:

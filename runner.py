@@ -9,8 +9,10 @@ each other.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -18,6 +20,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import brme
+import lora
+import tracking
 from r2m import (
     REWARD_MODES,
     FrozenRewardBody,
@@ -37,6 +41,77 @@ from r2m import (
     train,
 )
 
+
+@dataclass
+class RunOptions:
+    """Flags both scripts share that are about running, not the algorithm: config files, experiment tracking
+    and LoRA. Each script's own flags dataclass extends this one."""
+
+    config: Optional[str] = field(
+        default=None,
+        metadata={"help": "YAML or JSON file of flag values ({flag: value}); flags on the command line win, and "
+                  "--preset defaults (also settable in the file) apply beneath it."},
+    )
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Experiment tracker for metrics, config and samples: 'none', 'tensorboard' "
+                  "(pip install tensorboard) or 'wandb' (pip install wandb; WANDB_MODE=offline needs no account)."},
+    )
+    lora_r: int = field(
+        default=0, metadata={"help": "Rank of a LoRA adapter trained instead of the whole policy (pip install peft); "
+                             "0 = full fine-tuning, as in the paper."}
+    )
+    # Choice (the paper fine-tunes the whole policy, so it gives no LoRA settings): α = 32 and every linear layer
+    # but the LM head by default.
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA α: the adapter's update is scaled by α / r."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "LoRA: 'all-linear' (every linear layer but the LM head) or comma-separated module names."},
+    )
+
+
+def check_run_options(options: RunOptions, cfg: R2MConfig) -> None:
+    """One clear line for run options that cannot work."""
+    if options.report_to not in tracking.REPORT_TO:
+        raise SystemExit(f"error: --report_to must be one of {', '.join(tracking.REPORT_TO)}, got {options.report_to!r}")
+    if options.lora_r < 0:
+        raise SystemExit(f"error: --lora_r must be >= 0 (0 = no LoRA), got {options.lora_r}")
+    if cfg.merge_on_save and not options.lora_r:
+        raise SystemExit("error: --merge_on_save needs --lora_r > 0 (without LoRA, checkpoint/policy is the full policy)")
+
+
+def read_config_file(path: str, known: set[str]) -> dict:
+    """{flag: value} from a YAML (.yaml/.yml) or JSON file, checked against the flags that exist."""
+    try:
+        with open(path) as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml  # PyYAML comes with transformers
+
+                values = yaml.safe_load(f)
+            else:
+                values = json.load(f)
+    except (OSError, ValueError) as e:  # yaml's and json's parse errors are ValueErrors
+        raise SystemExit(f"error: could not read --config {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: --config {path} must hold a mapping of flag: value, got {type(values).__name__}")
+    values.pop("config", None)  # a written config.json names no config file to read in turn
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"error: --config {path} sets unknown flag(s) {unknown}")
+    return values
+
+
+def write_run_config(cfg: R2MConfig, options, path: str) -> dict:
+    """The run's resolved settings (every flag of R2MConfig and the script) as one flat JSON object, which
+    `--config` reads back to repeat the run."""
+    config = {**dataclasses.asdict(options), **dataclasses.asdict(cfg)}
+    config.pop("config", None)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return config
+
+
 def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[str]] = None):
     """Parse R2MConfig + a script's own dataclass with HfArgumentParser (help text = each field's `help`).
     `--preset NAME` swaps in that preset's defaults; flags given explicitly still win."""
@@ -45,8 +120,12 @@ def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[s
     from transformers import HfArgumentParser
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="paper")
-    chosen = pre.parse_known_args(argv)[0].preset
+    pre.add_argument("--preset", default=None)
+    pre.add_argument("--config", default=None)
+    known = pre.parse_known_args(argv)[0]
+    flags = {f.name for cls in (R2MConfig, script_args_cls) for f in dataclasses.fields(cls)}
+    from_file = read_config_file(known.config, flags) if known.config else {}
+    chosen = known.preset or from_file.get("preset", "paper")
     if chosen not in presets:
         raise SystemExit(f"error: --preset must be one of {sorted(presets)}, got {chosen!r}")
     if chosen == "tiny":  # the tiny preset builds its own models; a model flag beside it would be silently ignored
@@ -57,6 +136,7 @@ def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[s
                              "drop it, or choose another --preset")
     parser = HfArgumentParser((R2MConfig, script_args_cls))
     parser.set_defaults(**presets[chosen])
+    parser.set_defaults(**from_file)  # a config file overrides its preset's defaults; command-line flags win over both
     cfg, args = parser.parse_args_into_dataclasses(args=argv)
     try:
         cfg.validate()
@@ -68,6 +148,8 @@ def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[s
         check_output_dir(cfg)
     except (ValueError, TrainingError) as e:
         raise SystemExit(f"error: {e}")
+    if isinstance(args, RunOptions):
+        check_run_options(args, cfg)
     return cfg, args
 
 
@@ -99,9 +181,10 @@ def load_rows(dataset: str, split: str, columns: list[str]) -> list[dict]:
     return [dict(row) for row in data]
 
 
-def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig):
+def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig, reference: bool = True):
     """The real models from the hub or local folders: policy (float32 master weights), reference policy and
-    RM (bf16 on GPU), and both tokenizers. Any failure becomes one clear line."""
+    RM (bf16 on GPU), and both tokenizers. Any failure becomes one clear line. reference=False (LoRA, whose
+    reference is the policy itself with the adapter off) loads no second copy and returns None for it."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     frozen = torch.bfloat16 if (cfg.bf16 and resolve_device(cfg.device).type == "cuda") else torch.float32
@@ -120,7 +203,7 @@ def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig):
     tokenizer = load("policy model", policy_name, AutoTokenizer)
     rm_tokenizer = load("reward model", reward_model_name, AutoTokenizer)
     policy = load("policy model", policy_name, AutoModelForCausalLM, dtype=torch.float32)
-    ref_policy = load("policy model", policy_name, AutoModelForCausalLM, dtype=frozen)
+    ref_policy = load("policy model", policy_name, AutoModelForCausalLM, dtype=frozen) if reference else None
     rm, info = load("reward model", reward_model_name, AutoModelForSequenceClassification, dtype=frozen,
                     num_labels=1, output_loading_info=True)
     new_head = [k for k in info["missing_keys"] if k.startswith("score.")]
@@ -192,9 +275,12 @@ def pretrain_reward_model_from_file(reward_model: R2MRewardModel, path: str, rm_
 
 
 def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts: list[list[int]],
-        prompt_texts: list[str], render: Optional[Callable[[str, str], str]] = None) -> list[dict]:
-    """What both training scripts do once their data and models are loaded: choose how the RM reads a
-    trajectory, build the reward model for the mode, train."""
+        prompt_texts: list[str], render: Optional[Callable[[str, str], str]] = None,
+        options: Optional[RunOptions] = None) -> list[dict]:
+    """What both training scripts do once their data and models are loaded: write the resolved config, choose
+    how the RM reads a trajectory, build the reward model for the mode, add LoRA and a tracker if asked,
+    train. options: the script's flags (a RunOptions), or None for a plain full fine-tuning run."""
+    options = options or RunOptions()
     # An empty prompt has nothing to condition on, even wrapped in a chat template (non-empty ids).
     keep = [i for i, p in enumerate(prompts) if p and prompt_texts[i].strip()]
     if len(keep) < len(prompts):
@@ -202,12 +288,17 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
     prompts, prompt_texts = [prompts[i] for i in keep], [prompt_texts[i] for i in keep]
     if not prompts:
         raise SystemExit("error: no non-empty prompts to train on")
+    config = write_run_config(cfg, options, os.path.join(cfg.output_dir, "config.json"))
+    if options.lora_r:
+        policy = lora.add_lora(policy, options.lora_r, options.lora_alpha, options.lora_target_modules)
+        ref_policy = lora.AdapterDisabledReference(policy)  # any copy the script loaded is dropped here
     rm_view = make_rm_view(rm_tokenizer, render)
     shares_ids = render is None and same_tokenizer(tokenizer, rm_tokenizer)
     reward_model = build_reward(cfg, rm, policy, rm_view)
+    tracker = tracking.make_tracker(options.report_to, cfg.output_dir, config)
     try:
         return train(policy, ref_policy, reward_model, tokenizer, prompts, cfg, prompt_texts=prompt_texts,
-                     rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer))
+                     rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer), tracker=tracker)
     except TrainingError as e:
         raise SystemExit(f"error: {e}")
     except RuntimeError as e:  # torch's sampler met NaN/inf probabilities: finite weights whose outputs overflow
@@ -218,3 +309,5 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
     except OSError as e:  # a write error on metrics.jsonl or a checkpoint's rename; the last checkpoint is whole
         raise SystemExit(f"error: {e}; the last complete checkpoint in {cfg.output_dir} is intact: fix this, then "
                          "continue with --resume true")
+    finally:
+        tracker.close()

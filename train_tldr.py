@@ -20,7 +20,7 @@ import tiny
 
 
 @dataclass
-class TLDRArgs:
+class TLDRArgs(runner.RunOptions):  # + --config, --report_to, --lora_* (runner.RunOptions)
     preset: str = field(default="paper", metadata={"help": "'paper' (SPEC §5 settings) or 'tiny' (offline CPU smoke run)."})
     policy_model: str = field(
         default="trl-lib/pythia-2.8b-deduped-tldr-sft", metadata={"help": "SFT policy: hub name or local folder."}
@@ -73,10 +73,11 @@ def main(argv=None) -> list[dict]:
         policy, rm = tiny.build_policy(tokenizer, seed=cfg.seed), tiny.build_reward_model(tokenizer, seed=cfg.seed + 1)
         ref_policy = copy.deepcopy(policy)
     else:
-        policy, ref_policy, rm, tokenizer, rm_tokenizer = runner.load_pretrained(args.policy_model, args.reward_model, cfg)
+        policy, ref_policy, rm, tokenizer, rm_tokenizer = runner.load_pretrained(
+            args.policy_model, args.reward_model, cfg, reference=not args.lora_r)  # LoRA: π_ref is the policy itself
     texts = [str(row[args.prompt_column]) for row in rows]
     prompts = [tokenize_prompt(tokenizer, text, args.max_prompt_tokens) for text in texts]
-    return runner.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts)
+    return runner.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts, options=args)
 
 
 if __name__ == "__main__":

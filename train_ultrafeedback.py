@@ -21,7 +21,7 @@ import tiny
 
 
 @dataclass
-class UltraFeedbackArgs:
+class UltraFeedbackArgs(runner.RunOptions):  # + --config, --report_to, --lora_* (runner.RunOptions)
     preset: str = field(default="paper", metadata={"help": "'paper' (LLaMA3-8B-Instruct), 'qwen' (Qwen2.5-3B-Instruct) or 'tiny'."})
     policy_model: str = field(default="meta-llama/Meta-Llama-3-8B-Instruct", metadata={"help": "Chat policy: hub name or folder."})
     reward_model: str = field(default="Skywork/Skywork-Reward-V2-Llama-3.1-8B", metadata={"help": "Scalar chat RM: hub name or folder."})
@@ -70,7 +70,8 @@ def main(argv=None) -> list[dict]:
         ref_policy = copy.deepcopy(policy)
         rm = tiny.build_reward_model(rm_tokenizer, seed=cfg.seed + 1, hidden_size=48, arch="llama")
     else:
-        policy, ref_policy, rm, tokenizer, rm_tokenizer = runner.load_pretrained(args.policy_model, args.reward_model, cfg)
+        policy, ref_policy, rm, tokenizer, rm_tokenizer = runner.load_pretrained(
+            args.policy_model, args.reward_model, cfg, reference=not args.lora_r)  # LoRA: π_ref is the policy itself
     texts, prompts = [], []
     for row in rows:
         chosen = tokenizer(runner.response_text(row[args.chosen_column]), add_special_tokens=False)["input_ids"]
@@ -81,7 +82,8 @@ def main(argv=None) -> list[dict]:
             prompts.append(ids)
     print(f"{len(prompts)} of {len(rows)} prompts kept (chosen reply <= {args.max_chosen_tokens} tokens, "
           f"prompt <= {args.max_prompt_tokens} tokens)")
-    return runner.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts, render=runner.chat_render(rm_tokenizer))
+    return runner.run(cfg, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts, texts, render=runner.chat_render(rm_tokenizer),
+                      options=args)
 
 
 if __name__ == "__main__":
