@@ -1284,7 +1284,7 @@ COMPLETE_MARKER = "complete.json"  # {"step", "config"}, written last
 # new T; new learning rates restart the linear decay from the new peak; the rest is speed and bookkeeping.
 RESUME_MAY_CHANGE = {"total_trajectories", "policy_lr", "rm_lr", "generation_batch_size", "forward_batch_size",
                      "micro_batch_size", "bf16", "gradient_checkpointing", "device", "save_every", "sample_every",
-                     "max_nonfinite_steps", "output_dir", "resume", "overwrite"}
+                     "max_nonfinite_steps", "output_dir", "resume", "overwrite", "merge_on_save"}
 # BRME's heads and the Pretrained RM's body were fitted with these before RL and come back with the checkpoint.
 # Every other setting must match: it shapes a saved tensor (d_attn, brme_heads), what step t is (queries_per_step,
 # group_size) or the objective.

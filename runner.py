@@ -140,9 +140,9 @@ def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[s
     cfg, args = parser.parse_args_into_dataclasses(args=argv)
     try:
         cfg.validate()
-        for f in dataclasses.fields(args):  # the scripts' own numbers are token counts: at least 1
+        for f in dataclasses.fields(args):  # the scripts' token caps: at least 1 (--lora_r etc. are checked below)
             value = getattr(args, f.name)
-            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            if f.name.endswith("_tokens") and value < 1:
                 raise ValueError(f"--{f.name} must be at least 1, got {value}")
         check_output_path(cfg.output_dir)
         check_output_dir(cfg)

@@ -158,7 +158,7 @@ def test_checkpoint_holds_the_adapter_resumes_and_merges(tmp_path, tokenizer, pr
     P = ids.shape[1] - 3
     assert torch.allclose(logprobs(merged, ids, mask, P), logprobs(policy, ids, mask, P), atol=1e-4)
     rows = [{"id": str(i), "prompt": r["prompt"]} for i, r in enumerate(tiny.synthetic_tldr_rows(2, seed=5))]
-    generated = eval_judge.generate(eval_judge.EvalArgs(policy=os.path.join(ckpt, "policy"), max_new_tokens=3, device="cpu"),
+    generated = eval_judge.generate(eval_judge.EvalArgs(policy=os.path.join(ckpt, "policy"), max_new_tokens=3, temperature=0.0, device="cpu"),
                                     rows, torch.device("cpu"), str(tmp_path / "responses.jsonl"))
     assert len(generated) == 2  # eval_judge.py reads the merged folder
 
