@@ -53,6 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import distributed  # --- distributed: FSDP2 / torchrun helpers, each a no-op on one process ---
+
 # ----------------------------------------------------------------------------------------------------
 # §1 Config
 # ----------------------------------------------------------------------------------------------------
@@ -679,7 +681,7 @@ def rollout(
     for s in range(0, len(queries), cfg.generation_batch_size):
         ids = query_ids[s : s + cfg.generation_batch_size].to(rt.device)
         mask = query_mask[s : s + cfg.generation_batch_size].to(rt.device)
-        with rt.autocast():
+        with rt.autocast(), distributed.gathered_for_generation(policy):  # --- distributed: gather once per call ---
             out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
         resp = out[:, P:]  # (b, R') with R' <= R: generation stops once every row has hit EOS
         resp = F.pad(resp, (0, R - resp.shape[1]), value=pad_id)  # (b, R)
@@ -838,6 +840,7 @@ def reward_model_update(
         loss = grebt_loss(new, labels, cfg.alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(reward_model.parameters())  # --- distributed: replicated head, mean over ranks ---
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
         optimizer.step()
         with torch.no_grad():
@@ -905,8 +908,12 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
     policy/ is a Hugging Face folder (eval_judge.py and from_pretrained read it); state.pt holds the rest."""
     final = os.path.join(output_dir, CHECKPOINT_DIR)
     tmp, old = final + ".tmp", final + ".old"
+    # --- distributed: gather the full (unsharded) policy and its optimiser state; rank 0 alone writes ---
+    policy_weights, policy_optimizer = distributed.policy_state(policy, optimizers["policy"])
+    if not distributed.is_main_process():
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(os.path.join(tmp, "policy"))
+    policy.save_pretrained(os.path.join(tmp, "policy"), state_dict=policy_weights)
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(tmp, "policy"))
     torch.save(
@@ -914,7 +921,7 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
             "step": step,  # last completed step
             "config": dataclasses.asdict(cfg),
             "reward_model": reward_model.trainable_state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "optimizers": {k: policy_optimizer if k == "policy" else o.state_dict() for k, o in optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -935,7 +942,8 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
 def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> int:
     """Restore what save_checkpoint wrote; returns the next step to run."""
     path = os.path.join(output_dir, CHECKPOINT_DIR)
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    # mmap: every rank reads the small entries; the policy's optimiser state is only read on rank 0
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False, mmap=True)
     for key in ("reward", "algo", "seed"):
         if state["config"][key] != getattr(cfg, key):
             raise SystemExit(
@@ -943,11 +951,13 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
                 "resume with the same settings or use another --output_dir"
             )
     saved = type(policy).from_pretrained(os.path.join(path, "policy"), dtype=torch.float32)
-    policy.load_state_dict(saved.state_dict())
+    # --- distributed: full weights and optimiser state into a plain or sharded policy, any number of ranks ---
+    distributed.load_policy_state(policy, optimizers["policy"], saved.state_dict(), state["optimizers"]["policy"])
     del saved
     reward_model.load_trainable_state_dict(state["reward_model"])
     for k, o in optimizers.items():
-        o.load_state_dict(state["optimizers"][k])
+        if k != "policy":
+            o.load_state_dict(state["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(state["schedulers"][k])
     torch.set_rng_state(state["rng"]["torch"])
@@ -992,11 +1002,17 @@ def train(
     if mode.ensemble != getattr(reward_model, "is_ensemble", False):
         raise ValueError(f"--reward {cfg.reward} needs {'a brme.BRMEReward' if mode.ensemble else 'an R2MRewardModel'}")
     T, K, n = cfg.total_steps, cfg.group_size, cfg.queries_per_step
+    # --- distributed: under torchrun each rank runs this same loop on n/N of each step's prompts, with
+    # minibatches cut to match (`rank_cfg`); on one process rank = 0, world_size = 1 and rank_cfg is cfg ---
+    rank, world_size = distributed.rank_and_world_size()
+    rank_cfg = distributed.per_rank_config(cfg, world_size, train_body=mode.train_body)
+    main_process = distributed.is_main_process()
 
-    # --- seeding ------------------------------------------------------------------------------------
-    seed_everything(cfg.seed)
+    # --- seeding (sampling differs per rank: seed + rank) -----------------------------------------------
+    seed_everything(cfg.seed + rank)
     rt = make_runtime(cfg)
     prepare_models(policy, ref_policy, reward_model, cfg, rt)
+    distributed.shard_models(policy, ref_policy, reward_model, rt.autocast_dtype is not None)  # --- distributed ---
 
     # --- optimisers. Choice: AdamW without weight decay, learning rate decaying linearly to 0 over T, stepped
     # once per RL step; gradient-norm clip --max_grad_norm (1.0) for the policy and the RM head alike ------
@@ -1013,11 +1029,12 @@ def train(
     start = 0
     if cfg.resume and has_checkpoint(cfg.output_dir):
         start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers, cfg)
-        tqdm.write(f"resumed from {cfg.output_dir}/{CHECKPOINT_DIR} at step {start}/{T}")
+        distributed.decorrelate_rng()  # --- distributed: ranks restored rank 0's generator; one stream each ---
+        distributed.print0(f"resumed from {cfg.output_dir}/{CHECKPOINT_DIR} at step {start}/{T}")
     elif cfg.resume:
-        tqdm.write(f"--resume: no checkpoint in {cfg.output_dir}, starting from step 0")
+        distributed.print0(f"--resume: no checkpoint in {cfg.output_dir}, starting from step 0")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
+    if main_process and os.path.exists(metrics_path):
         # A fresh run starts a new curve; a resumed one keeps the steps its checkpoint covers and drops any
         # written after it (a crash between checkpoints), since those steps are run again.
         with open(metrics_path) as f:
@@ -1026,11 +1043,14 @@ def train(
             f.writelines(kept)
 
     history: list[dict] = []
-    bar = tqdm(range(start, T), initial=start, total=T, desc=f"{cfg.algo}+{cfg.reward}", dynamic_ncols=True)
+    bar = tqdm(range(start, T), initial=start, total=T, desc=f"{cfg.algo}+{cfg.reward}", dynamic_ncols=True,
+               disable=not main_process)
     for step in bar:
         t0 = time.perf_counter()
         omega_t = omega(step, T, cfg.omega_floor) if mode.feedback else 1.0
         chosen = step_prompt_indices(len(prompts), n, step, cfg.seed)
+        n_rank = rank_cfg.queries_per_step  # --- distributed: this rank's whole groups (all of them on one process) ---
+        chosen = chosen[rank * n_rank : (rank + 1) * n_rank]
         batch = [prompts[i] for i in chosen]
         batch_texts = [prompt_texts[i] for i in chosen] if prompt_texts is not None else None
 
@@ -1046,15 +1066,15 @@ def train(
             rewards[~ro.contains_eos] = cfg.missing_eos_penalty
         t2 = time.perf_counter()
         # 3. advantages inside each group
-        advantages = compute_advantages(rewards.view(n, K), cfg.algo).reshape(-1)  # (N,)
+        advantages = compute_advantages(rewards.view(n_rank, K), cfg.algo).reshape(-1)  # (N,)
         # 4. policy optimisation, with the hidden-state refresh in the last epoch
-        pstats = policy_update(policy, optimizers["policy"], ro, advantages, cfg, rt)
+        pstats = policy_update(policy, optimizers["policy"], ro, advantages, rank_cfg, rt)
         t3 = time.perf_counter()
         # 5. reward-model optimisation (GREBT)
         rstats = {}
         if mode.train:
             rstats = reward_model_update(
-                reward_model, optimizers["reward_model"], ro, rm_rewards.view(n, K), omega_t, mode, cfg, rt
+                reward_model, optimizers["reward_model"], ro, rm_rewards.view(n_rank, K), omega_t, mode, rank_cfg, rt
             )
         t4 = time.perf_counter()
         for s in schedulers.values():
@@ -1066,9 +1086,9 @@ def train(
             "step": step,
             "omega": omega_t,
             "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item(),
+            "reward/std": distributed.gather_rows(rewards).std().item(),  # --- distributed: over all ranks ---
             "reward/rm_mean": rm_rewards.mean().item(),
-            "reward/group_std": rewards.view(n, K).std(dim=1).mean().item(),
+            "reward/group_std": rewards.view(-1, K).std(dim=1).mean().item(),
             "response/length": resp_len.mean().item(),
             "response/eos_frac": ro.contains_eos.float().mean().item(),
             "kl/sequence": kl_seq.mean().item(),
@@ -1083,14 +1103,16 @@ def train(
         }
         if on_step is not None:
             record.update(on_step(step, ro, rewards))
+        record = distributed.mean_over_ranks(record)  # --- distributed: one record for all ranks, written once ---
         history.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record['kl/sequence']:.3f}", omega=f"{omega_t:.2f}")
-        tqdm.write(
+        distributed.print0(
             f"step {step:4d} | reward {record['reward/mean']:+.4f} | kl {record['kl/sequence']:.4f} | "
             f"len {record['response/length']:.1f} | ω {omega_t:.3f}"
-            + (f" | grebt {rstats['rm/grebt']:.4f}" if rstats else "")
+            + (f" | grebt {record['rm/grebt']:.4f}" if rstats else "")
             + f" | {record['time/step']:.1f}s"
         )
         if cfg.sample_every and step % cfg.sample_every == 0:
@@ -1099,7 +1121,7 @@ def train(
                 response = tokenizer.decode(
                     ro.query_responses[row, ro.prompt_len :][ro.response_mask[row].bool()], skip_special_tokens=True
                 )
-                tqdm.write(f"  [sample] ...{prompt[-120:]!r} -> {response!r}  reward {rewards[row].item():+.3f}")
+                distributed.print0(f"  [sample] ...{prompt[-120:]!r} -> {response!r}  reward {rewards[row].item():+.3f}")
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == T - 1):
             save_checkpoint(cfg.output_dir, step, policy, tokenizer, reward_model, optimizers, schedulers, cfg)
     return history

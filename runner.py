@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import brme
+import distributed
 from r2m import (
     REWARD_MODES,
     FrozenRewardBody,
@@ -135,8 +136,16 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
     prompts, prompt_texts = [prompts[i] for i in keep], [prompt_texts[i] for i in keep]
     if not prompts:
         raise SystemExit("error: no non-empty prompts to train on")
+    # --- distributed: under torchrun join the process group (one GPU per rank); nothing on one process ---
+    _, _, world_size, _ = distributed.setup(cfg.device)
+    try:
+        distributed.per_rank_config(cfg, world_size, train_body=REWARD_MODES[cfg.reward].train_body)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     rm_view = make_rm_view(rm_tokenizer, render)
     shares_ids = render is None and same_tokenizer(tokenizer, rm_tokenizer)
     reward_model = build_reward(cfg, rm, policy, rm_view)
-    return train(policy, ref_policy, reward_model, tokenizer, prompts, cfg, prompt_texts=prompt_texts,
-                 rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer))
+    history = train(policy, ref_policy, reward_model, tokenizer, prompts, cfg, prompt_texts=prompt_texts,
+                    rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer))
+    distributed.teardown()  # --- distributed: leave the process group (nothing on one process) ---
+    return history
