@@ -85,8 +85,22 @@ def test_tiny_preset_under_torchrun_checkpoints_and_resumes_with_1_or_2_ranks(tm
     assert [m["step"] for m in metrics(out + "_two")] == [0, 1, 2]
 
 
-def test_uneven_split_is_one_clear_line(tmp_path):
-    proc = launch([*TORCHRUN, os.path.join(ROOT, "train_tldr.py"), "--preset", "tiny", "--output_dir", str(tmp_path),
-                   "--queries_per_step", "9", "--policy_minibatch_size", "36", "--micro_batch_size", "4"], check=False)
-    assert proc.returncode != 0
-    assert "error: --queries_per_step 9 must be divisible by the number of processes (2)" in proc.stderr
+def test_each_rank_gets_an_equal_share_or_a_clear_error():
+    import distributed
+    import r2m
+
+    cfg = r2m.R2MConfig(queries_per_step=8, group_size=4, policy_minibatch_size=16, micro_batch_size=4, rm_minibatch_groups=4)
+    assert distributed.per_rank_config(cfg, 1) is cfg  # one process: untouched
+    share = distributed.per_rank_config(cfg, 2)
+    assert (share.queries_per_step, share.policy_minibatch_size, share.rm_minibatch_groups) == (4, 8, 2)
+    assert share.micro_batch_size == 4 and cfg.queries_per_step == 8
+    bad = [
+        (dict(queries_per_step=9, policy_minibatch_size=36), "--queries_per_step 9 must be divisible by the number of processes (2)"),
+        (dict(policy_minibatch_size=8, micro_batch_size=8), "--micro_batch_size 8 must divide each process's share"),
+        (dict(rm_minibatch_groups=3), "--rm_minibatch_groups 3 must be divisible"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            distributed.per_rank_config(r2m.R2MConfig(**{**vars(cfg), **change}), 2)
+    with pytest.raises(ValueError, match="one process only"):
+        distributed.per_rank_config(cfg, 2, train_body=True)
