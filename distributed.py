@@ -96,20 +96,27 @@ def per_rank_config(cfg, world_size: int, train_body: bool = False):
     )
 
 
-def shard_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, bf16_compute: bool) -> None:
+def shard_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, device: torch.device,
+                 bf16_compute: bool) -> None:
     """FSDP2 over all ranks (no-op on one process): each decoder layer is its own unit (one all-gather per
     layer in a forward), then the rest of the model as the root unit. The RM is sharded at its body
     (`reward_model.reward_model.base_model`), which is what the loop calls; the trainable heads stay
-    replicated and are broadcast from rank 0 so every rank starts from the same weights."""
+    replicated and are broadcast from rank 0 so every rank starts from the same weights.
+
+    Called on the models as loaded (in host memory): `fully_shard` moves one unit at a time to `device` and
+    keeps only this rank's shard there, so no GPU ever holds a whole model."""
     if not dist.is_initialized():
         return
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
 
     def shard(model: nn.Module, layer_names: set[str], **kwargs) -> None:
         for module in model.modules():
             if type(module).__name__ in layer_names:
-                fully_shard(module, **kwargs)
-        fully_shard(model, **kwargs)
+                fully_shard(module, mesh=mesh, **kwargs)
+        fully_shard(model, mesh=mesh, **kwargs)
 
     # bf16 all-gathers and compute, float32 master weights and float32 gradient reduction
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute else None

@@ -1011,8 +1011,9 @@ def train(
     # --- seeding (sampling differs per rank: seed + rank) -----------------------------------------------
     seed_everything(cfg.seed + rank)
     rt = make_runtime(cfg)
+    # --- distributed: FSDP2-shard the models across ranks before placing them (no-op on one process) ---
+    distributed.shard_models(policy, ref_policy, reward_model, rt.device, bf16_compute=rt.autocast_dtype is not None)
     prepare_models(policy, ref_policy, reward_model, cfg, rt)
-    distributed.shard_models(policy, ref_policy, reward_model, rt.autocast_dtype is not None)  # --- distributed ---
 
     # --- optimisers. Choice: AdamW without weight decay, learning rate decaying linearly to 0 over T, stepped
     # once per RL step; gradient-norm clip --max_grad_norm (1.0) for the policy and the RM head alike ------

@@ -73,7 +73,7 @@ def main(out: str) -> None:
 
     is_distributed, rank, world_size, _ = distributed.setup(cfg.device)
     rank_cfg = distributed.per_rank_config(cfg, world_size)
-    distributed.shard_models(policy, ref_policy, reward_model, bf16_compute=False)
+    distributed.shard_models(policy, ref_policy, reward_model, rt.device, bf16_compute=False)
     share = cfg.trajectories_per_step // world_size
     ro = take_rows(full, slice(rank * share, (rank + 1) * share))
     torch.manual_seed(7 + rank)
