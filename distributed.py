@@ -198,12 +198,13 @@ def decorrelate_rng() -> None:
 
 
 def policy_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Full (unsharded) policy weights and its optimiser state keyed by parameter name, on CPU. Under FSDP
+    """Full (unsharded) policy weights and its optimiser state keyed by parameter name. Under FSDP
     this is a collective (every rank must call it) and only rank 0 receives the tensors. The same format on
     one process, so a checkpoint resumes with any number of ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # Under FSDP the gathered copy goes to rank 0's host memory; one process saves its tensors where they are.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
     return get_model_state_dict(policy, options=options), get_optimizer_state_dict(policy, optimizer, options=options)
 
 

@@ -33,6 +33,7 @@ Departures from the textbook algorithm, each a "Choice:" written again where it 
 
 Single-GPU command (Pythia-2.8B on TL;DR, the paper's settings):  python train_tldr.py
 Tiny offline run on CPU (< 2 minutes):                           python train_tldr.py --preset tiny
+Several GPUs (data-parallel, FSDP2; see distributed.py):          torchrun --nproc_per_node 8 train_tldr.py
 """
 
 from __future__ import annotations
