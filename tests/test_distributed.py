@@ -7,7 +7,6 @@
 Each rank runs with one thread, so two ranks fit the 2-core CI machine.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from test_scripts import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -49,11 +49,6 @@ def test_two_ranks_update_like_one_process(tmp_path):
     assert one["stats"]["rm/grebt"] > 0
     for k, v in one["stats"].items():  # losses, global gradient norm, clip fraction: means over all ranks
         assert two["stats"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.parametrize("script", ["train_tldr.py", "train_ultrafeedback.py"])
