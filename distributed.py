@@ -164,7 +164,8 @@ def gathered_for_generation(model: nn.Module):
     try:
         yield
     finally:
-        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(True)  # layers free their gathered weights after each forward again
+        model.set_reshard_after_forward(False, recurse=False)  # the root keeps fully_shard's default for a root
         for unit in units:
             unit.reshard()
 
