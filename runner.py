@@ -46,6 +46,8 @@ def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[s
     cfg, args = parser.parse_args_into_dataclasses(args=argv)
     try:
         cfg.validate()
+        # --- distributed: each of torchrun's processes must get an equal share of a step (checked before loading) ---
+        distributed.per_rank_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), REWARD_MODES[cfg.reward].train_body)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     return cfg, args
@@ -136,12 +138,7 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
     prompts, prompt_texts = [prompts[i] for i in keep], [prompt_texts[i] for i in keep]
     if not prompts:
         raise SystemExit("error: no non-empty prompts to train on")
-    # --- distributed: under torchrun join the process group (one GPU per rank); nothing on one process ---
-    _, _, world_size, _ = distributed.setup(cfg.device)
-    try:
-        distributed.per_rank_config(cfg, world_size, train_body=REWARD_MODES[cfg.reward].train_body)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    distributed.setup(cfg.device)  # --- distributed: under torchrun join the process group; nothing on one process ---
     rm_view = make_rm_view(rm_tokenizer, render)
     shares_ids = render is None and same_tokenizer(tokenizer, rm_tokenizer)
     reward_model = build_reward(cfg, rm, policy, rm_view)
