@@ -17,8 +17,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from distributed import print0  # rank 0 only under torchrun
 from r2m import FrozenRewardBody, R2MConfig, RMView, make_runtime, pad_right
 
 
@@ -163,6 +163,6 @@ def fit_brme_from_file(brme: BRMEReward, path: str, rm_view: RMView, cfg: R2MCon
         brme, embed("chosen"), embed("rejected"), cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed,
         sigma_prior=cfg.brme_sigma_prior,
     )
-    tqdm.write(f"BRME: {brme.num_heads} heads on {len(rows)} pairs from {path}; train accuracy per head "
+    print0(f"BRME: {brme.num_heads} heads on {len(rows)} pairs from {path}; train accuracy per head "
                + ", ".join(f"{a:.3f}" for a in accuracies))
     return accuracies

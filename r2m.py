@@ -33,6 +33,7 @@ Departures from the textbook algorithm, each a "Choice:" written again where it 
 
 Single-GPU command (Pythia-2.8B on TL;DR, the paper's settings):  python train_tldr.py
 Tiny offline run on CPU (< 2 minutes):                           python train_tldr.py --preset tiny
+Several GPUs (data-parallel, FSDP2; see distributed.py):          torchrun --nproc_per_node 8 train_tldr.py
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
+
+import distributed  # --- distributed: FSDP2 / torchrun helpers, each a no-op on one process ---
 
 # ----------------------------------------------------------------------------------------------------
 # §1 Config
@@ -925,8 +928,9 @@ def generate_responses(
     for s in range(0, len(query_ids), cfg.generation_batch_size):
         ids = query_ids[s : s + cfg.generation_batch_size].to(rt.device)
         mask = query_mask[s : s + cfg.generation_batch_size].to(rt.device)
-        with rt.autocast(), generation_weights(policy, rt.autocast_dtype), own_generation_config(policy), \
-                (capture or contextlib.nullcontext()):
+        # --- distributed: gather a sharded policy once per generate() call, not once per token ---
+        with rt.autocast(), distributed.gathered_for_generation(policy), generation_weights(policy, rt.autocast_dtype), \
+                own_generation_config(policy), (capture or contextlib.nullcontext()):
             out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
         resp = out[:, P:]  # (b, R') with R' <= R: generation stops once every row has hit EOS
         resp = F.pad(resp, (0, R - resp.shape[1]), value=pad_id)  # (b, R)
@@ -1199,6 +1203,7 @@ def reward_model_update(
             loss = grebt_loss(new, pair_rewards, cfg.alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(reward_model.parameters())  # --- distributed: replicated head, mean over ranks ---
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
             optimizer.step()
             with torch.no_grad():
@@ -1382,11 +1387,15 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
     policy/ is a Hugging Face folder (eval_judge.py and from_pretrained read it); state.pt holds the rest."""
     final = os.path.join(output_dir, CHECKPOINT_DIR)
     tmp, old = final + ".tmp", final + ".old"
+    # --- distributed: gather the full (unsharded) policy and its optimiser state; rank 0 alone writes ---
+    policy_weights, policy_optimizer = distributed.policy_state(policy, optimizers["policy"])
+    if not distributed.is_main_process():
+        return final
     state = {
         "step": step,  # last completed step
         "config": dataclasses.asdict(cfg),
         "reward_model": reward_model.trainable_state_dict(),
-        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "optimizers": {k: policy_optimizer if k == "policy" else o.state_dict() for k, o in optimizers.items()},
         "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
         "rng": {
             "torch": torch.get_rng_state(),
@@ -1394,7 +1403,7 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
             "python": random.getstate(),
         },
     }
-    bad = nonfinite_tensors({"policy": policy.state_dict(), **state})
+    bad = nonfinite_tensors({"policy": policy_weights, **state})
     if bad:
         raise TrainingError(f"step {step}: not saving a checkpoint with {len(bad)} non-finite tensors (first: {bad[0]}); "
                             f"the last good one stays in {find_checkpoint(output_dir) or 'nowhere yet'}")
@@ -1405,7 +1414,7 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
 
             lora.save_adapter(policy, tokenizer, tmp, cfg.merge_on_save)
         else:
-            policy.save_pretrained(os.path.join(tmp, "policy"))
+            policy.save_pretrained(os.path.join(tmp, "policy"), state_dict=policy_weights)
             if tokenizer is not None:
                 tokenizer.save_pretrained(os.path.join(tmp, "policy"))
         torch.save(state, os.path.join(tmp, "state.pt"))
@@ -1442,18 +1451,22 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
         _swap_in(path, final, -1)
     for note in resume_notes(_marker(final)["config"], cfg):
         tqdm.write(f"note: {note}")
-    state = torch.load(os.path.join(final, "state.pt"), map_location="cpu", weights_only=False)
+    # mmap: every rank reads the small entries; the policy's optimiser state is only read on rank 0
+    state = torch.load(os.path.join(final, "state.pt"), map_location="cpu", weights_only=False, mmap=True)
     if hasattr(policy, "peft_config") or os.path.isdir(os.path.join(final, "adapter")):  # LoRA (lora.py)
         import lora
 
         lora.load_adapter(policy, final)
+        weights = policy.state_dict()  # the adapter is in; what follows restores the optimiser state
     else:
-        saved = type(policy).from_pretrained(os.path.join(final, "policy"), dtype=torch.float32)
-        policy.load_state_dict(saved.state_dict())
-        del saved
+        weights = type(policy).from_pretrained(os.path.join(final, "policy"), dtype=torch.float32).state_dict()
+    # --- distributed: full weights and optimiser state into a plain or sharded policy, any number of ranks ---
+    distributed.load_policy_state(policy, optimizers["policy"], weights, state["optimizers"]["policy"])
+    del weights
     reward_model.load_trainable_state_dict(state["reward_model"])
     for k, o in optimizers.items():
-        o.load_state_dict(state["optimizers"][k])
+        if k != "policy":
+            o.load_state_dict(state["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(state["schedulers"][k])
         # The learning rate in effect comes from this run's flags (they may change on resume), decayed over this T.
@@ -1531,10 +1544,17 @@ def train(
     if mode.ensemble != getattr(reward_model, "is_ensemble", False):
         raise ValueError(f"--reward {cfg.reward} needs {'a brme.BRMEReward' if mode.ensemble else 'an R2MRewardModel'}")
     T, K, n = cfg.total_steps, cfg.group_size, cfg.queries_per_step
+    # --- distributed: under torchrun each rank runs this same loop on n/N of each step's prompts, with
+    # minibatches cut to match (`rank_cfg`); on one process rank = 0, world_size = 1 and rank_cfg is cfg ---
+    rank, world_size = distributed.rank_and_world_size()
+    rank_cfg = distributed.per_rank_config(cfg, world_size, train_body=mode.train_body)
+    main_process = distributed.is_main_process()
 
-    # --- seeding ------------------------------------------------------------------------------------
-    seed_everything(cfg.seed)
+    # --- seeding (sampling differs per rank: seed + rank) -----------------------------------------------
+    seed_everything(cfg.seed + rank)
     rt = make_runtime(cfg)
+    # --- distributed: FSDP2-shard the models across ranks before placing them (no-op on one process) ---
+    distributed.shard_models(policy, ref_policy, reward_model, rt.device, bf16_compute=rt.autocast_dtype is not None)
     prepare_models(policy, ref_policy, reward_model, cfg, rt)
 
     # --- optimisers. Choice: AdamW without weight decay, learning rate decaying linearly to 0 over T (or
@@ -1567,11 +1587,12 @@ def train(
             shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINT_DIR + suffix), ignore_errors=True)
     if cfg.resume and has_checkpoint(cfg.output_dir):
         start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers, cfg)
-        tqdm.write(f"resumed from {cfg.output_dir}/{CHECKPOINT_DIR} at step {start}/{T}")
+        distributed.decorrelate_rng()  # --- distributed: ranks restored rank 0's generator; one stream each ---
+        distributed.print0(f"resumed from {cfg.output_dir}/{CHECKPOINT_DIR} at step {start}/{T}")
     elif cfg.resume:
-        tqdm.write(f"--resume: {cfg.output_dir} holds no run yet: starting a new run at step 0")
+        distributed.print0(f"--resume: {cfg.output_dir} holds no run yet: starting a new run at step 0")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
+    if main_process and os.path.exists(metrics_path):
         # A fresh run starts a new curve; a resumed one keeps the steps its checkpoint covers and drops any
         # written after it (a crash between checkpoints), since those steps are run again. A line a crash cut
         # short is always such a step: it cannot be parsed, and it goes too.
@@ -1581,11 +1602,14 @@ def train(
             f.writelines(kept)
 
     history: list[dict] = []
-    bar = tqdm(range(start, T), initial=start, total=T, desc=f"{cfg.algo}+{cfg.reward}", dynamic_ncols=True)
+    bar = tqdm(range(start, T), initial=start, total=T, desc=f"{cfg.algo}+{cfg.reward}", dynamic_ncols=True,
+               disable=not main_process)
     for step in bar:
         t0 = time.perf_counter()
         omega_t = omega(step, T, cfg.omega_floor) if mode.feedback else 1.0
         chosen = step_prompt_indices(len(prompts), n, step, cfg.seed)
+        n_rank = rank_cfg.queries_per_step  # --- distributed: this rank's whole groups (all of them on one process) ---
+        chosen = chosen[rank * n_rank : (rank + 1) * n_rank]
         batch = [prompts[i] for i in chosen]
         batch_texts = [prompt_texts[i] for i in chosen] if prompt_texts is not None else None
 
@@ -1601,16 +1625,16 @@ def train(
         rm_rewards = annotate_rewards(reward_model, ro, omega_t, mode, cfg, rt)  # (N,)
         rewards = with_missing_eos_penalty(rm_rewards, ro.contains_eos, cfg)
         t2 = time.perf_counter()
-        # 3. advantages (inside each group, or over the batch for REINFORCE++)
-        advantages = compute_advantages(rewards.view(n, K), ro, greedy_rewards, cfg)  # (N,) or (N, R)
+        # 3. advantages (inside each group, or over the rank's batch for REINFORCE++)
+        advantages = compute_advantages(rewards.view(n_rank, K), ro, greedy_rewards, rank_cfg)  # (N,) or (N, R)
         # 4. policy optimisation, with the hidden-state refresh in the last epoch
-        pstats = policy_update(policy, guarded["policy"], ro, advantages, cfg, rt)
+        pstats = policy_update(policy, guarded["policy"], ro, advantages, rank_cfg, rt)
         t3 = time.perf_counter()
         # 5. reward-model optimisation (GREBT)
         rstats = {}
         if mode.train:
             rstats = reward_model_update(
-                reward_model, guarded["reward_model"], ro, rm_rewards.view(n, K), omega_t, mode, cfg, rt
+                reward_model, guarded["reward_model"], ro, rm_rewards.view(n_rank, K), omega_t, mode, rank_cfg, rt
             )
         t4 = time.perf_counter()
         for s in schedulers.values():
@@ -1622,9 +1646,9 @@ def train(
             "step": step,
             "omega": omega_t,
             "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item(),
+            "reward/std": distributed.gather_rows(rewards).std().item(),  # --- distributed: over all ranks ---
             "reward/rm_mean": rm_rewards.mean().item(),
-            "reward/group_std": rewards.view(n, K).std(dim=1).mean().item() if K > 1 else 0.0,
+            "reward/group_std": rewards.view(-1, K).std(dim=1).mean().item() if K > 1 else 0.0,
             **({"reward/greedy_mean": greedy_rewards.mean().item()} if greedy_rewards is not None else {}),
             "response/length": resp_len.mean().item(),
             "response/eos_frac": ro.contains_eos.float().mean().item(),
@@ -1645,14 +1669,17 @@ def train(
         record["nonfinite/skipped_updates"] = sum(g.skipped for g in guarded.values())
         for g in guarded.values():
             g.skipped = 0
+        record = distributed.mean_over_ranks(record)  # --- distributed: one record for all ranks, written once ---
         history.append(record)
-        with open(metrics_path, "a") as f:  # strict JSON: a non-finite value is written as null
-            f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}) + "\n")
+        if main_process:
+            with open(metrics_path, "a") as f:  # strict JSON: a non-finite value is written as null
+                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                    for k, v in record.items()}) + "\n")
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record['kl/sequence']:.3f}", omega=f"{omega_t:.2f}")
-        tqdm.write(
+        distributed.print0(
             f"step {step:4d} | reward {record['reward/mean']:+.4f} | kl {record['kl/sequence']:.4f} | "
             f"len {record['response/length']:.1f} | ω {omega_t:.3f}"
-            + (f" | grebt {rstats['rm/grebt']:.4f}" if rstats else "")
+            + (f" | grebt {record['rm/grebt']:.4f}" if rstats else "")
             + f" | {record['time/step']:.1f}s"
         )
         samples = []
@@ -1662,7 +1689,7 @@ def train(
                 response = tokenizer.decode(
                     ro.query_responses[row, ro.prompt_len :][ro.response_mask[row].bool()], skip_special_tokens=True
                 )
-                tqdm.write(f"  [sample] ...{prompt[-120:]!r} -> {response!r}  reward {rewards[row].item():+.3f}")
+                distributed.print0(f"  [sample] ...{prompt[-120:]!r} -> {response!r}  reward {rewards[row].item():+.3f}")
                 samples.append({"prompt": prompt, "response": response, "reward": rewards[row].item()})
         if tracker is not None:
             tracker.log(record, samples)

@@ -20,6 +20,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import brme
+import distributed
 import lora
 import tracking
 from r2m import (
@@ -144,6 +145,8 @@ def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[s
             value = getattr(args, f.name)
             if f.name.endswith("_tokens") and value < 1:
                 raise ValueError(f"--{f.name} must be at least 1, got {value}")
+        # --- distributed: each of torchrun's processes must get an equal share of a step (checked before loading) ---
+        distributed.per_rank_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), REWARD_MODES[cfg.reward].train_body)
         check_output_path(cfg.output_dir)
         check_output_dir(cfg)
     except (ValueError, TrainingError) as e:
@@ -292,6 +295,7 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
     if options.lora_r:
         policy = lora.add_lora(policy, options.lora_r, options.lora_alpha, options.lora_target_modules)
         ref_policy = lora.AdapterDisabledReference(policy)  # any copy the script loaded is dropped here
+    distributed.setup(cfg.device)  # --- distributed: under torchrun join the process group; nothing on one process ---
     rm_view = make_rm_view(rm_tokenizer, render)
     shares_ids = render is None and same_tokenizer(tokenizer, rm_tokenizer)
     reward_model = build_reward(cfg, rm, policy, rm_view)
@@ -311,3 +315,4 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
                          "continue with --resume true")
     finally:
         tracker.close()
+        distributed.teardown()  # --- distributed: leave the process group (nothing on one process) ---
