@@ -24,6 +24,8 @@ import contextlib
 import dataclasses
 import os
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -209,14 +211,16 @@ def policy_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
     return get_model_state_dict(policy, options=options), get_optimizer_state_dict(policy, optimizer, options=options)
 
 
-def load_policy_state(policy: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict) -> None:
-    """Load what `policy_state` returned into a plain or a sharded policy. Under FSDP rank 0's copy is
-    broadcast and each rank keeps its own shard."""
+def load_policy_state(policy: nn.Module, optimizer: Optional[torch.optim.Optimizer], weights: dict,
+                      optimizer_state: Optional[dict]) -> None:
+    """Load what `policy_state` returned into a plain or a sharded policy (and its optimiser, when given).
+    Under FSDP rank 0's copy is broadcast and each rank keeps its own shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     set_model_state_dict(policy, weights, options=options)
-    set_optimizer_state_dict(policy, optimizer, optimizer_state, options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(policy, optimizer, optimizer_state, options=options)
 
 
 def teardown() -> None:

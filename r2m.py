@@ -1461,7 +1461,7 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
     else:
         weights = type(policy).from_pretrained(os.path.join(final, "policy"), dtype=torch.float32).state_dict()
     # --- distributed: full weights and optimiser state into a plain or sharded policy, any number of ranks ---
-    distributed.load_policy_state(policy, optimizers["policy"], weights, state["optimizers"]["policy"])
+    distributed.load_policy_state(policy, optimizers.get("policy"), weights, state["optimizers"].get("policy"))
     del weights
     reward_model.load_trainable_state_dict(state["reward_model"])
     for k, o in optimizers.items():

@@ -168,7 +168,7 @@ def test_killed_runs_resume_exactly_and_a_kill_between_the_renames_loses_nothing
     assert "at step 4/6" in log and "step    0 |" not in log  # from .tmp's step 3, not from scratch
     assert comparable(strict_metrics(out)) == expected
     assert_same_tensors(final_weights(out), expected_weights)
-    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint", "config.json", "metrics.jsonl"]  # no .old / .tmp left
 
 
 def test_newest_complete_checkpoint_wins_and_an_unmarked_one_never_counts(tmp_path):
