@@ -25,7 +25,8 @@ The stand-ins, each a small patch made only inside this script while it runs:
 - Tensors r2m copies to host memory (`_to_host`, and whatever is concatenated only from them) are counted as
   host memory, not GPU memory.
 - Sampling never stops early: no token is EOS and generation runs to --max_new_tokens (the worst case), and
-  every data-dependent scalar (`.item()`, `bool(tensor)`) reads 0 (only logged statistics depend on them).
+  every data-dependent scalar reads a constant (`bool(tensor)` False, `.item()` 1): only logged statistics
+  and the libraries' early exits depend on them.
 - Only the first generation batch of a rollout is simulated, and of it the prefill and the last few decoding
   steps (`_wrap_generate` says why that keeps the peak); the other batches return padding of the same shape.
   The policy update runs on two micro-batches per epoch.
@@ -126,9 +127,10 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
-            # A fake tensor has no value: `.item()` / `bool(t)` read 0. Only logged statistics and early exits of
-            # the libraries (all-ones masks, finished sequences) depend on them.
-            return False if args[0].dtype == torch.bool else 0
+            # A fake tensor has no value: `bool(t)` reads False and `.item()` 1 (not 0: AdamW divides by
+            # 1 - beta^step). Only logged statistics and the libraries' early exits (all-ones masks, finished
+            # sequences) depend on them.
+            return False if args[0].dtype == torch.bool else 1
         out = func(*args, **kwargs)
         # A concatenation of host tensors stays on the host (r2m's torch.cat of per-batch hidden states).
         host = func in (aten.cat.default, aten.stack.default) and all(
