@@ -168,3 +168,16 @@ def test_fit_finds_the_largest_batch_sizes_whose_phases_fit():
     assert (chosen.generation_batch_size, chosen.forward_batch_size, chosen.micro_batch_size) == (32, 8, 1)
     assert result["peaks"][(2, "generation")] == 4 * GiB
     assert len(tried) <= 6
+
+
+def test_autocast_keeps_no_bf16_copy_of_the_weights():
+    """r2m's autocast region must not cache bf16 copies of float32 weights (a whole policy's worth)."""
+    rt = r2m.Runtime(device=torch.device("cpu"), autocast_dtype=torch.bfloat16, hidden_device=torch.device("cpu"),
+                     hidden_dtype=torch.bfloat16)
+    layer = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB float32, 2 MiB as a bf16 copy
+    x = torch.randn(2, 1024)
+    with torch.no_grad(), memory_plan.LiveBytes() as counter, rt.autocast():
+        y = layer(x)
+        live = counter.device
+    assert y.dtype == torch.bfloat16
+    assert live < 2**20, live  # the (2, 1024) output only, not the 2 MiB weight copy
