@@ -141,8 +141,8 @@ class R2MConfig:
         default=0.01, metadata={"help": "BRME: weight γ of the γ·(log σ)² prior that pulls each head's σ toward 1."}
     )
     # --- memory / speed ------------------------------------------------------------------------------
-    # Choice: 64. Pythia-2.8B's KV cache holds 32 layers x 2 x 2560 x 2 bytes = 328 KB per token; 64 x 562 tokens
-    # is ~12 GB beside ~56 GB of weights and optimiser state on an 80 GB GPU (256 would need ~47 GB).
+    # Choice: 64. Pythia-2.8B's bf16 KV cache holds 32 layers x 2 x 2560 x 2 bytes = 328 KB per token; 64 x 562 tokens
+    # is 11 GiB beside 41 GiB of weights and AdamW state: benchmarks/memory_plan.py predicts a 58 GiB peak on 80.
     generation_batch_size: int = field(default=64, metadata={"help": "Sequences generated at once."})
     forward_batch_size: int = field(
         default=32, metadata={"help": "Sequences per no-grad forward (old/ref log-probs, RM scoring)."}
@@ -820,7 +820,11 @@ class Runtime:
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        # Choice: no autocast weight cache. With it, every forward keeps a bf16 copy of all the policy's float32
+        # weights until the autocast region ends (5.8 GiB for a 3B policy, 15 GiB for an 8B one); without it each
+        # weight is cast when used and the copy freed with its layer (gradient checkpointing recasts in backward).
+        # Same numbers; casting costs a read of the weights per forward, small beside the matmuls.
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,0 +1,661 @@
+"""Memory plan: will a training run fit the GPU? Predicted on a laptop, from the real step code.
+
+    python benchmarks/memory_plan.py                                      # train_tldr.py's defaults, 80 GB GPU
+    python benchmarks/memory_plan.py --script ultrafeedback               # LLaMA3-8B policy + Skywork 8B RM
+    python benchmarks/memory_plan.py --script ultrafeedback --preset qwen # Qwen2.5-3B policy
+    python benchmarks/memory_plan.py --gpu_memory_gib 40 --fit            # largest batch sizes that fit 40 GiB
+
+Takes the training script's own flags (`--script tldr` reads train_tldr.py's, `--script ultrafeedback`
+train_ultrafeedback.py's, presets included) and runs two steps of the real `r2m.train` on fake tensors
+(PyTorch's FakeTensorMode: shapes, dtypes and storages, no data, no memory) with the models built at their
+real sizes from the config files in benchmarks/configs/ (nothing is downloaded). A small dispatch mode counts
+the bytes of every live tensor storage, phase by phase. Two steps, because from the second one the policy's
+AdamW state exists; one batch per phase, because peaks depend on the batch sizes, not on how many batches a
+step has. It prints each phase's predicted peak of allocated memory, what stays allocated between phases,
+and a verdict line: `predicted peak X.X GiB of Y GiB (phase P): fits with Z.Z GiB to spare`.
+
+What it cannot see (keep a margin for it, see README "What it costs"): the CUDA context and cuBLAS/cuDNN
+workspaces, the caching allocator's fragmentation and rounding, kernel-internal temporaries, and the differences
+between CPU autocast (used here: fake CPU tensors stand in for the GPU, since backward on fake CUDA tensors
+needs a real device) and CUDA autocast's op lists.
+
+The stand-ins, each a small patch made only inside this script while it runs:
+- r2m's runtime is built as on a GPU (bf16 autocast, bf16 frozen models, host-side hidden states, gradient
+  checkpointing, AdamW as r2m would build it on CUDA) but on the CPU device.
+- Tensors r2m copies to host memory (`_to_host`, and whatever is concatenated only from them) are counted as
+  host memory, not GPU memory.
+- Sampling never stops early: no token is EOS and generation runs to --max_new_tokens (the worst case), and
+  every data-dependent scalar reads a constant (`bool(tensor)` False, `.item()` 1): only logged statistics
+  and the libraries' early exits depend on them.
+- Only the first generation batch of a rollout is simulated, and of it the prefill and the last few decoding
+  steps (`_wrap_generate` says why that keeps the peak); the other batches return padding of the same shape.
+  The policy update runs on two micro-batches per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+# FakeTensorMode and TorchDispatchMode are private tools with no public equivalent; the plan was written and
+# validated against torch 2.13 and needs at least 2.4 (fused AdamW on CPU tensors, the FakeTensorMode API used).
+MIN_TORCH = (2, 4)
+_version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+if _version < MIN_TORCH:
+    raise SystemExit(f"error: memory_plan.py needs torch >= {'.'.join(map(str, MIN_TORCH))}, found {torch.__version__}")
+try:
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from transformers.generation.utils import GenerationMixin
+except ImportError as e:  # pragma: no cover - depends on the installed versions
+    raise SystemExit(f"error: memory_plan.py cannot use this torch/transformers ({torch.__version__}): {e}")
+if not hasattr(GenerationMixin, "_has_unfinished_sequences"):
+    raise SystemExit("error: memory_plan.py needs a transformers whose generate() loop asks _has_unfinished_sequences")
+
+import r2m  # noqa: E402
+import runner  # noqa: E402
+
+GiB = 2**30
+aten = torch.ops.aten
+CONFIG_DIR = os.path.join(ROOT, "benchmarks", "configs")
+# The public config.json sizes of the models the scripts load by default (no weights, no tokenizer).
+KNOWN_CONFIGS = {
+    "trl-lib/pythia-2.8b-deduped-tldr-sft": "pythia-2.8b.json",
+    "trl-lib/pythia-2.8b-deduped-tldr-rm": "pythia-2.8b.json",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "llama-3-8b.json",
+    "Qwen/Qwen2.5-3B-Instruct": "qwen2.5-3b.json",
+    "Skywork/Skywork-Reward-V2-Llama-3.1-8B": "skywork-reward-v2-llama-3.1-8b.json",
+}
+PHASES = ["generation", "old/ref log-probs", "RM annotation", "policy forward/backward", "policy AdamW step",
+          "RM update (GREBT)"]
+# Which batch size sets which phases' peaks (for --fit).
+BATCH_FLAGS = {
+    "generation_batch_size": ["generation"],
+    "forward_batch_size": ["old/ref log-probs", "RM annotation"],
+    "micro_batch_size": ["policy forward/backward", "policy AdamW step"],
+}
+
+
+@dataclass
+class PlanArgs:
+    script: str = field(default="tldr", metadata={"help": "Which training script's flags and presets: 'tldr' or 'ultrafeedback'."})
+    gpu_memory_gib: float = field(default=80.0, metadata={"help": "Memory of the GPU to plan for, GiB."})
+    fit: bool = field(default=False, metadata={"help": "Search the largest generation / forward / micro batch sizes that fit."})
+    fit_reserve_gib: float = field(
+        default=10.0, metadata={"help": "--fit keeps this much of the GPU free for what the plan cannot see."}
+    )
+    policy_config: Optional[str] = field(default=None, metadata={"help": "config.json of the policy (default: by model name)."})
+    reward_config: Optional[str] = field(default=None, metadata={"help": "config.json of the RM (default: by model name)."})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Counting live bytes
+# ----------------------------------------------------------------------------------------------------
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every tensor storage made while active, until it is freed (a weakref finalizer on
+    the storage), per phase; works alike on fake and real tensors, so the plan can be checked on real ones.
+    Storages marked as host memory (r2m's copies to pinned host memory) are counted apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.device = 0  # live GPU-standing bytes
+        self.host = 0  # live host bytes
+        self.sizes: dict[int, tuple[int, bool]] = {}  # storage id -> (bytes, on host)
+        self.phase = "set-up"
+        self.step = 0
+        self.peaks: dict[tuple[int, str], int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            # A fake tensor has no value: `bool(t)` reads False and `.item()` 1 (not 0: AdamW divides by
+            # 1 - beta^step). Only logged statistics and the libraries' early exits (all-ones masks, finished
+            # sequences) depend on them.
+            return False if args[0].dtype == torch.bool else 1
+        out = func(*args, **kwargs)
+        # A concatenation of host tensors stays on the host (r2m's torch.cat of per-batch hidden states).
+        host = func in (aten.cat.default, aten.stack.default) and all(
+            self.is_host(t) for t in tree_leaves(args) if isinstance(t, torch.Tensor)
+        )
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t, host)
+        return out
+
+    def track(self, t: torch.Tensor, host: bool = False) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.sizes:
+            return
+        nbytes = storage.nbytes()
+        self.sizes[key] = (nbytes, host)
+        weakref.finalize(storage, self._free, key)
+        if host:
+            self.host += nbytes
+        else:
+            self.device += nbytes
+            k = (self.step, self.phase)
+            self.peaks[k] = max(self.peaks.get(k, 0), self.device)
+
+    def _free(self, key: int) -> None:
+        nbytes, host = self.sizes.pop(key)
+        if host:
+            self.host -= nbytes
+        else:
+            self.device -= nbytes
+
+    def is_host(self, t: torch.Tensor) -> bool:
+        return self.sizes.get(t.untyped_storage()._cdata, (0, False))[1]
+
+    def mark_host(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage()._cdata
+        if key in self.sizes and not self.sizes[key][1]:
+            nbytes, _ = self.sizes[key]
+            self.sizes[key] = (nbytes, True)
+            self.device -= nbytes
+            self.host += nbytes
+
+    @contextlib.contextmanager
+    def in_phase(self, name: str):
+        outer, self.phase = self.phase, name
+        k = (self.step, name)
+        self.peaks[k] = max(self.peaks.get(k, 0), self.device)
+        try:
+            yield
+        finally:
+            self.phase = outer
+            k = (self.step, outer)
+            self.peaks[k] = max(self.peaks.get(k, 0), self.device)
+
+    def bytes_of(self, tensors) -> int:
+        """Tracked bytes of the distinct storages behind `tensors`."""
+        keys = {t.untyped_storage()._cdata for t in tensors if t is not None}
+        return sum(self.sizes.get(k, (0, False))[0] for k in keys)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stand-ins: r2m as on a GPU, on CPU tensors (all undone on exit)
+# ----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def patched(obj, name: str, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+class Recorder:
+    """What the plan learns while r2m runs: models, optimisers, held memory at each phase start, KV cache."""
+
+    def __init__(self, counter: LiveBytes, policy_rows: int):
+        self.counter, self.policy_rows = counter, policy_rows
+        self.models: list[torch.nn.Module] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.held: dict[tuple[int, str], dict] = {}
+        self.kv_cache_bytes = 0
+        self.kv_cache_dtype: Optional[torch.dtype] = None
+        self.generations_left = 0  # per rollout: simulate the first generation batch only
+        self.skip_peak_of_next_forward = False
+        self.decode_steps_left = 0
+
+    def snapshot(self, name: str) -> None:
+        params = [p for m in self.models for p in m.parameters()]
+        weights = self.counter.bytes_of(params)
+        grads = self.counter.bytes_of([p.grad for p in params])
+        optim = self.counter.bytes_of(
+            [v for o in self.optimizers for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        )
+        self.held[(self.counter.step, name)] = dict(
+            weights=weights, grads=grads, optimizer=optim, other=self.counter.device - weights - grads - optim,
+            total=self.counter.device, host=self.counter.host,
+        )
+
+    def phase(self, name: str, fn):
+        """Wrap an r2m function so it runs as phase `name` (held memory recorded at its start)."""
+
+        def wrapped(*args, **kwargs):
+            self.snapshot(name)
+            with self.counter.in_phase(name):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+
+@contextlib.contextmanager
+def gpu_standins(counter: LiveBytes, rec: Recorder):
+    """Make r2m.train behave as on a GPU while running on (fake) CPU tensors, and mark the phases."""
+    original = {name: getattr(r2m, name) for name in ("rollout", "annotate_rewards", "policy_update",
+                                                       "reward_model_update", "prepare_models", "_to_host")}
+
+    def make_runtime(cfg):
+        # As r2m.make_runtime builds it on a GPU, with the CPU as the device.
+        bf16 = torch.bfloat16 if cfg.bf16 else None
+        return r2m.Runtime(device=torch.device("cpu"), autocast_dtype=bf16, hidden_device=torch.device("cpu"),
+                           hidden_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+
+    def prepare_models(policy, ref_policy, reward_model, cfg, rt):
+        rec.models[:] = [policy, ref_policy, reward_model]
+        original["prepare_models"](policy, ref_policy, reward_model, cfg, rt)
+        if cfg.gradient_checkpointing:  # r2m turns it on only on CUDA devices
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.config.use_cache = True
+        _wrap_generate(policy, counter, rec)
+
+    def to_host(x, rt):
+        # On a GPU r2m converts on the device, then copies to pinned host memory: the copy is host memory.
+        y = x.to(rt.hidden_dtype)
+        z = y.clone()
+        counter.mark_host(z)
+        return z
+
+    def rollout(*args, **kwargs):
+        counter.step += 1
+        rec.generations_left = 1
+        rec.snapshot("generation")  # before r2m swaps in the bf16 generation weights
+        return rec.phase("old/ref log-probs", original["rollout"])(*args, **kwargs)
+
+    def policy_update(policy, optimizer, ro, advantages, cfg, rt):
+        # Two micro-batches per epoch (one accumulation), as views of the rollout: the peak is the same for any
+        # number of micro-batches.
+        m = rec.policy_rows
+        view = {f.name: getattr(ro, f.name) for f in dataclasses.fields(ro)}
+        for name, value in view.items():
+            if isinstance(value, torch.Tensor) and value.shape[0] == ro.query_responses.shape[0]:
+                view[name] = value[:m]
+        return rec.phase("policy forward/backward", original["policy_update"])(
+            policy, optimizer, type(ro)(**view), advantages[:m], cfg, rt
+        )
+
+    class AdamW(torch.optim.AdamW):
+        """What torch.optim.AdamW is on CUDA: fused when r2m asks for it (it passes `fused=` only to choose
+        the fused kernel on CUDA), otherwise torch's CUDA default, the multi-tensor (foreach) version."""
+
+        def __init__(self, params, *args, **kwargs):
+            if "fused" in kwargs:
+                kwargs["fused"] = True
+            else:
+                kwargs["foreach"] = True
+            super().__init__(params, *args, **kwargs)
+            rec.optimizers.append(self)
+            self._is_policy = len(rec.optimizers) == 1  # r2m.train builds the policy's optimiser first
+
+        def step(self, closure=None):
+            if not self._is_policy:
+                return super().step(closure)
+            with counter.in_phase("policy AdamW step"):
+                return super().step(closure)
+
+    def has_unfinished(self, this_peer_finished, synced_gpus, device):
+        # Generation runs exactly max_new_tokens steps (no token is EOS), on fake and real tensors alike.
+        rec.decode_steps_left -= 1
+        return rec.decode_steps_left >= 0
+
+    with contextlib.ExitStack() as stack:
+        for name, value in [
+            ("make_runtime", make_runtime), ("prepare_models", prepare_models), ("_to_host", to_host),
+            ("rollout", rollout), ("annotate_rewards", rec.phase("RM annotation", original["annotate_rewards"])),
+            ("policy_update", policy_update),
+            ("reward_model_update", rec.phase("RM update (GREBT)", original["reward_model_update"])),
+        ]:
+            stack.enter_context(patched(r2m, name, value))
+        stack.enter_context(patched(torch.optim, "AdamW", AdamW))
+        stack.enter_context(patched(GenerationMixin, "_has_unfinished_sequences", has_unfinished))
+        yield
+
+
+DECODE_STEPS = 3  # decoding steps simulated token by token at the end of a generation (see _wrap_generate)
+
+
+def _wrap_generate(policy, counter: LiveBytes, rec: Recorder) -> None:
+    """policy.generate as phase 'generation', shortened without changing its peak, and the KV cache's size.
+
+    A generation's memory peaks either in its prefill (the prompt's activations) or at its last decoding step
+    (the longest KV cache); the steps between differ only by one token of cache each. So the plan simulates
+    (1) the prefill of the real prompt, then (2) the last DECODE_STEPS steps, after a prefill of
+    prompt + max_new_tokens - DECODE_STEPS tokens that stands for the earlier steps and is not counted as a
+    peak of the phase (its cache at the end is the one those steps would have built). This makes a 512-token
+    generation cost a few forwards instead of 512."""
+    import copy
+
+    generate = type(policy).generate
+
+    def on_forward(module, args, kwargs, output):
+        if rec.skip_peak_of_next_forward:
+            rec.skip_peak_of_next_forward = False
+            counter.phase = "generation"
+            k = (counter.step, "generation")
+            counter.peaks[k] = max(counter.peaks.get(k, 0), counter.device)
+        cache = getattr(output, "past_key_values", None)
+        layers = getattr(cache, "layers", None)
+        if layers:
+            tensors = [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+            tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+            if tensors:
+                rec.kv_cache_bytes = max(rec.kv_cache_bytes, counter.bytes_of(tensors))
+                rec.kv_cache_dtype = tensors[0].dtype
+
+    def before_forward(module, args, kwargs):
+        if rec.skip_peak_of_next_forward:
+            counter.phase = "generation stand-in prefill"
+
+    policy.register_forward_pre_hook(before_forward, with_kwargs=True)
+    policy.register_forward_hook(on_forward, with_kwargs=True)
+
+    def run(input_ids, attention_mask, gen_config, new_tokens, **kwargs):
+        gen_config = copy.deepcopy(gen_config)
+        gen_config.max_new_tokens = new_tokens
+        rec.decode_steps_left = new_tokens
+        return generate(policy, input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config, **kwargs)
+
+    def wrapped(*, input_ids, attention_mask, generation_config, **kwargs):
+        R = generation_config.max_new_tokens
+        b = input_ids.shape[0]
+        if rec.generations_left <= 0:  # same shapes as a real batch; memory was seen on the first one
+            return torch.cat([input_ids, torch.zeros(b, R, dtype=input_ids.dtype)], dim=1)
+        rec.generations_left -= 1
+        with counter.in_phase("generation"):
+            if R <= DECODE_STEPS + 1:
+                return run(input_ids, attention_mask, generation_config, R, **kwargs)
+            run(input_ids, attention_mask, generation_config, 1, **kwargs)  # (1) the real prefill
+            fill = R - DECODE_STEPS  # (2) stand-in tokens for the first decoding steps, then the last ones
+            long_ids = torch.cat([input_ids, torch.zeros(b, fill, dtype=input_ids.dtype)], dim=1)
+            long_mask = torch.cat([attention_mask, torch.ones(b, fill, dtype=attention_mask.dtype)], dim=1)
+            rec.skip_peak_of_next_forward = True
+            return run(long_ids, long_mask, generation_config, DECODE_STEPS, **kwargs)
+
+    policy.generate = wrapped
+
+
+# ----------------------------------------------------------------------------------------------------
+# One plan: two steps of r2m.train
+# ----------------------------------------------------------------------------------------------------
+
+
+def plan_config(cfg: r2m.R2MConfig, output_dir: str) -> tuple[r2m.R2MConfig, int]:
+    """The config the simulation runs: the same batch sizes, with just enough trajectories for one batch of each
+    phase, two steps, no checkpoints. Returns it and the policy rows used per epoch (two micro-batches)."""
+    K, micro = cfg.group_size, cfg.micro_batch_size
+    rows = 2 * micro
+    unit = K * rows // math.gcd(K, rows)
+    need = max(cfg.generation_batch_size, cfg.forward_batch_size, cfg.rm_minibatch_groups * K, rows)
+    N = unit * math.ceil(need / unit)
+    sim = dataclasses.replace(
+        cfg, queries_per_step=N // K, total_trajectories=2 * N, policy_minibatch_size=rows, save_every=0,
+        sample_every=0, resume=False, output_dir=output_dir, missing_eos_penalty=None, device="cpu",
+    )
+    return sim, rows
+
+
+def plan_prompts(n: int, prompt_tokens: int, vocab: int) -> list[list[int]]:
+    """n prompts of `prompt_tokens` or one fewer tokens (so batches hold padding, as real ones do)."""
+    return [[1 + (7 * i + j) % (vocab - 2) for j in range(prompt_tokens - i % 2)] for i in range(n)]
+
+
+def _apply_by_set_data(self, fn, recurse=True):
+    """Module._apply (behind .to / .float) for fake parameters. torch swaps a fake parameter for its converted
+    copy (torch.utils.swap_tensors), which fails once the fake-tensor machinery holds a weak reference to it;
+    assigning `.data`, as torch does for ordinary tensors, converts it just the same."""
+    if recurse:
+        for module in self.children():
+            _apply_by_set_data(module, fn)
+    for param in self._parameters.values():
+        if param is not None:
+            with torch.no_grad():
+                converted = fn(param)
+            if converted is not param:
+                param.data = converted
+    for key, buf in self._buffers.items():
+        if buf is not None:
+            self._buffers[key] = fn(buf)
+    return self
+
+
+def simulate(cfg: r2m.R2MConfig, build_models, prompt_tokens: int, fake: bool = True, prompts=None) -> dict:
+    """Run two steps of r2m.train with the GPU stand-ins, on fake tensors (or real ones, to check the plan).
+    build_models() -> (policy, ref_policy, rm, vocab_size); returns peaks per (step, phase), held memory, etc."""
+    counter = LiveBytes()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        sim, rows = plan_config(cfg, tmp)
+        rec = Recorder(counter, rows)
+        if fake:
+            stack.enter_context(patched(torch.nn.Module, "_apply", _apply_by_set_data))
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        stack.enter_context(counter)
+        policy, ref_policy, rm, vocab = build_models()
+        # pad 0; an EOS id outside the vocabulary is never sampled, so every response has max_new_tokens tokens
+        tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=vocab + 1)
+        reward_model = runner.build_reward(sim, rm, policy, rm_view=None)
+        prompts = prompts or plan_prompts(4 * sim.queries_per_step, prompt_tokens, vocab)
+        stack.enter_context(gpu_standins(counter, rec))
+        # The RM reads the policy's token ids (rm_view=None): a chat RM's own template adds a few dozen tokens,
+        # a few percent of its activations.
+        with _real_prompt_choice():
+            r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, sim)
+        stack.close()
+        return dict(peaks=dict(counter.peaks), held=rec.held, kv_cache_bytes=rec.kv_cache_bytes,
+                    kv_cache_dtype=rec.kv_cache_dtype, rows=sim.trajectories_per_step)
+
+
+@contextlib.contextmanager
+def _real_prompt_choice():
+    """Which prompts a step takes is decided on real tensors (a seeded permutation), so batches have the
+    prompt lengths, and padding, that a real run would have."""
+    choose = r2m.step_prompt_indices
+
+    def step_prompt_indices(*args, **kwargs):
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():
+            return choose(*args, **kwargs)
+
+    with patched(r2m, "step_prompt_indices", step_prompt_indices):
+        yield
+
+
+def config_builder(policy_json: str, reward_json: str, bf16: bool):
+    """build_models() for simulate(): the policy in float32, the reference and the RM in bf16 (as
+    runner.load_pretrained loads them on a GPU), from config files only."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def load(path):
+        with open(path) as f:
+            d = json.load(f)
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+
+    frozen = torch.bfloat16 if bf16 else torch.float32
+
+    def build():
+        pc, rc = load(policy_json), load(reward_json)
+        rc.num_labels = 1
+        policy = AutoModelForCausalLM.from_config(pc, dtype=torch.float32)
+        ref_policy = AutoModelForCausalLM.from_config(pc, dtype=frozen)
+        rm = AutoModelForSequenceClassification.from_config(rc, dtype=frozen)
+        return policy, ref_policy, rm, pc.vocab_size
+
+    return build
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+
+def step_peaks(result: dict, step: int) -> dict[str, int]:
+    return {p: result["peaks"].get((step, p), 0) for p in PHASES}
+
+
+def verdict(result: dict, gpu_gib: float) -> tuple[float, str, str]:
+    peaks = {(s, p): v for (s, p), v in result["peaks"].items() if p in PHASES}
+    (step, phase), peak = max(peaks.items(), key=lambda kv: kv[1])
+    gib = peak / GiB
+    line = f"predicted peak {gib:.1f} GiB of {gpu_gib:.1f} GiB (phase {phase}, step {step}): "
+    line += f"fits with {gpu_gib - gib:.1f} GiB to spare" if gib <= gpu_gib else f"does not fit ({gib - gpu_gib:.1f} GiB over)"
+    return gib, phase, line
+
+
+def report(result: dict, cfg: r2m.R2MConfig, gpu_gib: float, header: str, hidden_row_bytes: float) -> str:
+    g = lambda b: f"{b / GiB:6.1f}"  # noqa: E731
+    lines = [header, "", f"{'phase':<26}{'step 1 peak':>12}{'step 2 peak':>12}   held at its start, step 2 (GiB)"]
+    p1, p2 = step_peaks(result, 1), step_peaks(result, 2)
+    for p in PHASES:
+        h = result["held"].get((2, p))
+        held = (f"   {g(h['total'])}  = weights {h['weights'] / GiB:.1f} + grads {h['grads'] / GiB:.1f} + "
+                f"AdamW {h['optimizer'] / GiB:.1f} + other {h['other'] / GiB:.1f}") if h else ""
+        lines.append(f"{p:<26}{g(p1[p]):>12}{g(p2[p]):>12}{held}")
+    kv = result["kv_cache_bytes"]
+    lines.append("")
+    lines.append(f"KV cache at the last decoding step: {kv / GiB:.1f} GiB ({str(result['kv_cache_dtype']).replace('torch.', '')}, "
+                 f"{cfg.generation_batch_size} sequences)")
+    lines.append(f"hidden states on host (pinned CPU memory, not GPU): {hidden_row_bytes * cfg.trajectories_per_step / GiB:.1f} GiB "
+                 f"for a step's {cfg.trajectories_per_step} trajectories")
+    lines.append(verdict(result, gpu_gib)[2])
+    return "\n".join(lines)
+
+
+def hidden_bytes_per_row(result: dict) -> float:
+    h = result["held"].get((2, "RM annotation"))
+    return h["host"] / result["rows"] if h else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# --fit
+# ----------------------------------------------------------------------------------------------------
+
+
+def fit(cfg: r2m.R2MConfig, run, budget_gib: float, log=print) -> tuple[r2m.R2MConfig, dict]:
+    """Largest generation / forward / micro batch sizes (doubling or halving from the current ones) whose phases
+    peak within budget_gib. The three set different phases, so one simulation per round tests all three."""
+    limits = {
+        "generation_batch_size": cfg.trajectories_per_step,
+        "forward_batch_size": cfg.trajectories_per_step,
+        "micro_batch_size": cfg.policy_minibatch_size,
+    }
+    value = {k: getattr(cfg, k) for k in BATCH_FLAGS}
+    good: dict[str, Optional[int]] = {k: None for k in BATCH_FLAGS}
+    bad: dict[str, Optional[int]] = {k: None for k in BATCH_FLAGS}
+    while True:
+        trial = dataclasses.replace(cfg, **value)
+        result = run(trial)
+        peaks = step_peaks(result, 2)
+        log("  tried " + ", ".join(f"{k} {v}" for k, v in value.items()) + " -> "
+            + ", ".join(f"{p} {peaks[p] / GiB:.1f}" for p in PHASES) + " GiB")
+        settled = True
+        for k, phases in BATCH_FLAGS.items():
+            fits = max(peaks[p] for p in phases) <= budget_gib * GiB
+            if fits:
+                good[k] = max(good[k] or 0, value[k])
+            else:
+                bad[k] = min(bad[k] or value[k], value[k])
+            if good[k] is not None and (bad[k] is not None or good[k] >= limits[k]):
+                value[k] = good[k]  # found: the largest tried that fits, below one that does not
+                continue
+            if good[k] is None and value[k] == 1:
+                raise SystemExit(f"error: even {k} 1 does not fit {budget_gib:.1f} GiB: the weights and optimiser "
+                                 "state alone are too large (see the table)")
+            settled = False
+            nxt = value[k] * 2 if fits else max(1, value[k] // 2)
+            if k == "micro_batch_size":
+                while cfg.policy_minibatch_size % nxt:
+                    nxt -= 1
+            value[k] = min(nxt, limits[k])
+        if settled:
+            chosen = dataclasses.replace(cfg, **value)
+            return chosen, result if all(getattr(trial, k) == v for k, v in value.items()) else run(chosen)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse(argv: Optional[list[str]]):
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plan_parser = HfArgumentParser(PlanArgs, add_help=False)
+    plan, rest = plan_parser.parse_known_args(argv)
+    if "-h" in argv or "--help" in argv:
+        plan_parser.print_help()
+        print("\nand every flag of the chosen training script:\n")
+    if plan.script not in ("tldr", "ultrafeedback"):
+        raise SystemExit(f"error: --script must be 'tldr' or 'ultrafeedback', got {plan.script!r}")
+    script = __import__("train_tldr" if plan.script == "tldr" else "train_ultrafeedback")
+    args_cls = script.TLDRArgs if plan.script == "tldr" else script.UltraFeedbackArgs
+    cfg, args = runner.parse_flags(args_cls, script.PRESETS, rest)
+    if r2m.REWARD_MODES[cfg.reward].ensemble:
+        raise SystemExit("error: memory_plan.py plans the R2M reward modes; BRME needs its heads fitted first")
+    return PlanArgs(**vars(plan)), cfg, args
+
+
+def model_config(explicit: Optional[str], model_name: str, flag: str) -> str:
+    if explicit:
+        path = explicit
+    elif model_name in KNOWN_CONFIGS:
+        path = os.path.join(CONFIG_DIR, KNOWN_CONFIGS[model_name])
+    elif os.path.isfile(os.path.join(model_name, "config.json")):
+        path = os.path.join(model_name, "config.json")
+    else:
+        raise SystemExit(f"error: no config known for {model_name!r}; pass --{flag} path/to/config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --{flag}: no such file {path!r}")
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    plan, cfg, args = parse(argv)
+    policy_json = model_config(plan.policy_config, args.policy_model, "policy_config")
+    reward_json = model_config(plan.reward_config, args.reward_model, "reward_config")
+    # The longest prompt the script keeps: batches are padded to their longest, so this is the worst case.
+    prompt_tokens = args.max_prompt_tokens
+    build = config_builder(policy_json, reward_json, cfg.bf16)
+
+    def run(c):
+        t0 = time.perf_counter()
+        result = simulate(c, build, prompt_tokens)
+        print(f"  (simulated two steps in {time.perf_counter() - t0:.0f} s)", flush=True)
+        return result
+
+    header = (
+        f"memory plan: {plan.script} --preset {args.preset}, reward {cfg.reward}, policy {os.path.basename(policy_json)} "
+        f"(float32 + AdamW), reference and RM {os.path.basename(reward_json)} ({'bf16' if cfg.bf16 else 'float32'})\n"
+        f"{cfg.queries_per_step} prompts x {cfg.group_size}, prompts {prompt_tokens} + {cfg.max_new_tokens} new tokens; "
+        f"generation {cfg.generation_batch_size}, forward {cfg.forward_batch_size}, micro {cfg.micro_batch_size} "
+        f"(minibatch {cfg.policy_minibatch_size}), RM minibatch {cfg.rm_minibatch_groups} groups; torch {torch.__version__}"
+    )
+    print(f"simulating two steps of r2m.train on fake tensors ({os.path.basename(policy_json)} policy) ...", flush=True)
+    if plan.fit:
+        budget = plan.gpu_memory_gib - plan.fit_reserve_gib
+        print(f"--fit: largest batch sizes whose phases peak within {budget:.1f} GiB "
+              f"({plan.gpu_memory_gib:.1f} - {plan.fit_reserve_gib:.1f} reserve)", flush=True)
+        cfg, result = fit(cfg, run, budget)
+        header = header.split("\n")[0] + f"\n--fit chose: --generation_batch_size {cfg.generation_batch_size} " \
+            f"--forward_batch_size {cfg.forward_batch_size} --micro_batch_size {cfg.micro_batch_size}"
+    else:
+        result = run(cfg)
+    print(report(result, cfg, plan.gpu_memory_gib, header, hidden_bytes_per_row(result)))
+    return result
+
+
+if __name__ == "__main__":
+    main()
