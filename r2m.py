@@ -1379,7 +1379,9 @@ class SkipNonFiniteSteps:
 
     def step(self) -> None:
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        # Asked as "any non-finite?" so that a fake-tensor run (benchmarks/memory_plan.py reads every bool as False)
+        # takes the step, as a healthy run does.
+        if grads and bool(~torch.isfinite(torch.nn.utils.get_total_norm(grads))):
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
         else:
