@@ -1,5 +1,6 @@
 """Config files (--config my_run.yaml / .json) and the resolved config.json a run writes at start."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -63,15 +64,16 @@ def test_run_writes_its_resolved_config_and_the_file_replays_it(tmp_path):
     path = tmp_path / "my_run.yaml"
     out = tmp_path / "first"
     path.write_text(f"preset: tiny\nreward: vanilla\ntotal_trajectories: 32\noutput_dir: {out}\n")
+    cfg, args = parse("--config", str(path), "--seed", "3")  # before the run: then the folder holds one
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_tldr.py"), "--config", str(path), "--seed", "3"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "config.json") as f:
         written = json.load(f)
     # every flag of both dataclasses, resolved: preset defaults, then the file, then the command line
-    cfg, args = parse("--config", str(path), "--seed", "3")
     assert written == {**{k: v for k, v in vars(args).items() if k != "config"}, **vars(cfg)}
     assert written["seed"] == 3 and written["reward"] == "vanilla" and written["queries_per_step"] == 8
     # a written config.json is itself a config file that repeats the run
-    cfg2, args2 = parse("--config", str(out / "config.json"))
-    assert (cfg2, {k: v for k, v in vars(args2).items() if k != "config"}) == (cfg, {k: v for k, v in vars(args).items() if k != "config"})
+    cfg2, args2 = parse("--config", str(out / "config.json"), "--overwrite", "true")  # into the same folder
+    assert (cfg2, {k: v for k, v in vars(args2).items() if k != "config"}) == (
+        dataclasses.replace(cfg, overwrite=True), {k: v for k, v in vars(args).items() if k != "config"})
