@@ -23,16 +23,14 @@ import brme
 import distributed
 import lora
 import tracking
+from checkpoints import TrainingError, check_output_dir, has_checkpoint
 from r2m import (
     REWARD_MODES,
     FrozenRewardBody,
     R2MConfig,
     R2MRewardModel,
     RMView,
-    TrainingError,
-    check_output_dir,
     disable_dropout,
-    has_checkpoint,
     make_rm_view,
     make_runtime,
     pad_right,

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import r2m
 import runner
 import tiny
@@ -118,7 +119,7 @@ def test_fresh_run_into_a_finished_run_is_refused_and_overwrite_replaces_it(tmp_
     files = {p: open(os.path.join(cfg.output_dir, p), "rb").read() for p in ("metrics.jsonl", "checkpoint/state.pt")}
     message = refused(tldr_flags, cfg.output_dir)  # as the scripts check it, before any model loads
     assert all(w in message for w in ("already holds a run", "--resume true", "--overwrite true", "--output_dir"))
-    with pytest.raises(r2m.TrainingError, match="already holds a run"):  # and as the loop checks it
+    with pytest.raises(checkpoints.TrainingError, match="already holds a run"):  # and as the loop checks it
         r2m.train(copy.deepcopy(policy), ref_policy, r2m.R2MRewardModel(copy.deepcopy(rm), 64, 16), tokenizer,
                   prompts, cfg)
     assert all(open(os.path.join(cfg.output_dir, p), "rb").read() == data for p, data in files.items())
@@ -175,12 +176,12 @@ def test_newest_complete_checkpoint_wins_and_an_unmarked_one_never_counts(tmp_pa
     out = tmp_path
     for name, step in [("checkpoint.old", 3), ("checkpoint.tmp", 7)]:
         (out / name).mkdir()
-        (out / name / r2m.COMPLETE_MARKER).write_text(json.dumps({"step": step, "config": {}}))
-    assert r2m.find_checkpoint(str(out)) == str(out / "checkpoint.tmp")
-    (out / "checkpoint.tmp" / r2m.COMPLETE_MARKER).write_text('{"step": 7, "con')  # cut short by a crash
-    assert r2m.find_checkpoint(str(out)) == str(out / "checkpoint.old")
-    (out / "checkpoint.old" / r2m.COMPLETE_MARKER).unlink()
-    assert r2m.find_checkpoint(str(out)) is None and not r2m.has_checkpoint(str(out))
+        (out / name / checkpoints.COMPLETE_MARKER).write_text(json.dumps({"step": step, "config": {}}))
+    assert checkpoints.find_checkpoint(str(out)) == str(out / "checkpoint.tmp")
+    (out / "checkpoint.tmp" / checkpoints.COMPLETE_MARKER).write_text('{"step": 7, "con')  # cut short by a crash
+    assert checkpoints.find_checkpoint(str(out)) == str(out / "checkpoint.old")
+    (out / "checkpoint.old" / checkpoints.COMPLETE_MARKER).unlink()
+    assert checkpoints.find_checkpoint(str(out)) is None and not checkpoints.has_checkpoint(str(out))
 
 
 # --- point 3: --resume true with nothing to resume --------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_resume_settings_must_match_or_are_applied(tmp_path, capsys):
                                 f"{saved}, or start over with --overwrite true or another --output_dir")
     # taken from the checkpoint: BRME's fitting settings, with a note
     saved = dataclasses.asdict(r2m.R2MConfig(reward="brme", brme_epochs=10))
-    assert r2m.resume_notes(saved, r2m.R2MConfig(reward="brme", brme_epochs=3)) == [
+    assert checkpoints.resume_notes(saved, r2m.R2MConfig(reward="brme", brme_epochs=3)) == [
         "--brme_epochs 3 is not used: the BRME heads come from the checkpoint (brme_epochs was 10)"]
     # may change: a longer run and a new learning rate, both really applied from the first resumed step
     capsys.readouterr()
@@ -246,14 +247,14 @@ def test_reward_model_with_infinite_scores_stops_after_skipped_steps(tmp_path, t
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
     cfg = tiny_cfg(tmp_path)
-    with pytest.raises(r2m.TrainingError) as e:
+    with pytest.raises(checkpoints.TrainingError) as e:
         r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
     assert str(e.value).startswith("step 2: reward/mean was not finite in 3 steps in a row")
     records = strict_metrics(cfg.output_dir)
     assert [m["step"] for m in records] == [0, 1, 2]
     assert all(m["reward/mean"] is None and m["nonfinite/skipped_updates"] > 0 for m in records)
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())  # every update was skipped
-    assert not r2m.has_checkpoint(cfg.output_dir)  # and no checkpoint was written after a non-finite step
+    assert not checkpoints.has_checkpoint(cfg.output_dir)  # and no checkpoint was written after a non-finite step
 
 
 def test_a_nonfinite_gradient_step_is_skipped_and_counted():
@@ -276,10 +277,10 @@ def test_a_checkpoint_with_a_nonfinite_tensor_is_never_written(tmp_path, tokeniz
     with torch.no_grad():
         reward_model.score_head.weight[0, 0] = float("nan")
     opt = torch.optim.AdamW(policy.parameters())
-    with pytest.raises(r2m.TrainingError, match="non-finite tensors .first: reward_model.score_head.weight"):
-        r2m.save_checkpoint(cfg.output_dir, 1, policy, tokenizer, reward_model, {"policy": opt}, {}, cfg)
+    with pytest.raises(checkpoints.TrainingError, match="non-finite tensors .first: reward_model.score_head.weight"):
+        checkpoints.save_checkpoint(cfg.output_dir, 1, policy, tokenizer, reward_model, {"policy": opt}, {}, cfg)
     assert open(os.path.join(cfg.output_dir, "checkpoint", "state.pt"), "rb").read() == good
-    assert r2m.find_checkpoint(cfg.output_dir) == os.path.join(cfg.output_dir, "checkpoint")
+    assert checkpoints.find_checkpoint(cfg.output_dir) == os.path.join(cfg.output_dir, "checkpoint")
 
 
 def test_diverging_learning_rate_stops_with_one_line_and_no_checkpoint(tmp_path):
@@ -289,7 +290,7 @@ def test_diverging_learning_rate_stops_with_one_line_and_no_checkpoint(tmp_path)
         argv = ["--preset", "tiny", "--output_dir", out, "--policy_lr", lr, "--save_every", "1", "--overwrite", "true"]
         assert refused(train_tldr.main, argv).startswith(words)
         strict_metrics(out)
-        assert not r2m.has_checkpoint(out)
+        assert not checkpoints.has_checkpoint(out)
 
 
 # --- point 6: bad inputs: one line each, nothing written or lost -------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import r2m
 import tiny
 
@@ -165,7 +166,7 @@ def test_checkpoint_holds_the_adapter_resumes_and_merges(tmp_path, tokenizer, pr
     # resume: a fresh base + adapter picks up the trained adapter, optimiser and step, and runs on
     fresh, _ = lora_policy(tokenizer)
     fresh_rm = r2m.R2MRewardModel(tiny.build_reward_model(tokenizer, seed=1), d_policy=64, d_attn=16)
-    assert r2m.load_checkpoint(cfg.output_dir, fresh, fresh_rm, {}, {}, cfg) == 2
+    assert checkpoints.load_checkpoint(cfg.output_dir, fresh, fresh_rm, {}, {}, cfg) == 2
     trained, restored = adapter_weights(policy), adapter_weights(fresh)
     assert all(torch.equal(trained[k], restored[k]) for k in trained)
     fresh, _ = lora_policy(tokenizer)
@@ -201,8 +202,8 @@ def test_lora_flags_end_to_end_with_resume_and_clear_errors(tmp_path, tokenizer)
     cfg = tiny_cfg(tmp_path, output_dir=out, total_trajectories=128, d_attn=32)
     rm = r2m.R2MRewardModel(tiny.build_reward_model(tokenizer, seed=1), d_policy=64, d_attn=32)
     cases = [
-        (lambda: r2m.load_checkpoint(out, tiny.build_policy(tokenizer), rm, {}, {}, cfg), "holds a LoRA adapter"),
-        (lambda: r2m.load_checkpoint(out, lora.add_lora(tiny.build_policy(tokenizer), 8, 32, "query_key_value,dense"),
+        (lambda: checkpoints.load_checkpoint(out, tiny.build_policy(tokenizer), rm, {}, {}, cfg), "holds a LoRA adapter"),
+        (lambda: checkpoints.load_checkpoint(out, lora.add_lora(tiny.build_policy(tokenizer), 8, 32, "query_key_value,dense"),
                                      rm, {}, {}, cfg), "written with LoRA r = 4, not 8"),
         (lambda: runner.parse_flags(train_tldr.TLDRArgs, train_tldr.PRESETS, ["--preset", "tiny", "--merge_on_save", "true"]),
          "--merge_on_save needs --lora_r"),

@@ -1,0 +1,213 @@
+"""Checkpoints of an r2m run, and the rules that keep a run from being lost (README, "Crashes and resuming").
+
+A checkpoint folder counts once its completeness marker, written last, is there; a crash at any moment leaves a
+complete checkpoint (`checkpoint/`, or `.old` / `.tmp` between the two renames of a save); nothing non-finite
+is saved; a run resumes only under settings that keep its saved state right. `r2m.train` calls these; they hold
+no part of the algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import distributed
+
+if TYPE_CHECKING:
+    from r2m import R2MConfig
+
+
+CHECKPOINT_DIR = "checkpoint"
+COMPLETE_MARKER = "complete.json"  # {"step", "config"}, written last
+# A resumed run may change these, from its first step on: a new length re-times ω(t) and the lr decay over the
+# new T; new learning rates restart the linear decay from the new peak; the rest is speed and bookkeeping.
+RESUME_MAY_CHANGE = {"total_trajectories", "policy_lr", "rm_lr", "generation_batch_size", "forward_batch_size",
+                     "micro_batch_size", "bf16", "gradient_checkpointing", "device", "save_every", "sample_every",
+                     "max_nonfinite_steps", "output_dir", "resume", "overwrite", "merge_on_save"}
+# BRME's heads and the Pretrained RM's body were fitted with these before RL and come back with the checkpoint.
+# Every other setting must match: it shapes a saved tensor (d_attn, brme_heads), what step t is (queries_per_step,
+# group_size) or the objective.
+RESUME_FROM_CHECKPOINT = {"brme_preference_file", "brme_epochs", "brme_lr", "brme_sigma_prior",
+                          "pretrain_rm_preference_file", "pretrain_rm_epochs", "pretrain_rm_lr", "pretrain_rm_batch_size"}
+
+
+class TrainingError(RuntimeError):
+    """A run that must not go on (its folder, its settings, non-finite values); the message is one line."""
+
+
+def _marker(path: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(path, COMPLETE_MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # absent, or the save stopped before writing it
+
+
+def find_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest complete checkpoint among checkpoint/, checkpoint.old/ and checkpoint.tmp/: a crash between the
+    two renames of `save_checkpoint` leaves no checkpoint/ but a complete .old (and maybe a complete .tmp)."""
+    found = [(m["step"], path) for path in (os.path.join(output_dir, CHECKPOINT_DIR + s) for s in ("", ".old", ".tmp"))
+             if (m := _marker(path)) is not None]
+    return max(found, key=lambda f: f[0])[1] if found else None
+
+
+def has_checkpoint(output_dir: str) -> bool:
+    return find_checkpoint(output_dir) is not None
+
+
+def resume_notes(saved: dict, cfg: R2MConfig) -> list[str]:
+    """Notes on the settings this resumed run changes; a TrainingError for one it may not change."""
+    from r2m import REWARD_MODES  # at call time: r2m imports this module
+
+    notes = []
+    for key, was in saved.items():
+        now = getattr(cfg, key, was)
+        if now == was or key in ("output_dir", "resume", "overwrite"):
+            continue
+        if key in RESUME_FROM_CHECKPOINT:
+            fitted = "the BRME heads come" if REWARD_MODES[cfg.reward].ensemble else "the fine-tuned RM comes"
+            if REWARD_MODES[cfg.reward].ensemble or REWARD_MODES[cfg.reward].pretrain:
+                notes.append(f"--{key} {now} is not used: {fitted} from the checkpoint ({key} was {was})")
+        elif key in RESUME_MAY_CHANGE:
+            notes.append(f"--{key} {now} (the checkpoint's: {was}) applies from this step on")
+        else:
+            raise TrainingError(f"{cfg.output_dir} was written with --{key} {was}, not {now}; resume with "
+                                f"--{key} {was}, or start over with --overwrite true or another --output_dir")
+    return notes
+
+
+def check_output_dir(cfg: R2MConfig) -> None:
+    """Before anything loads: a fresh run never writes over a run, a resumed one needs its checkpoint and settings."""
+    metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
+    holds_metrics = os.path.isfile(metrics) and os.path.getsize(metrics) > 0
+    checkpoint = find_checkpoint(cfg.output_dir)
+    if not cfg.resume and not cfg.overwrite and (checkpoint or holds_metrics):
+        raise TrainingError(f"{cfg.output_dir} already holds a run; continue it with --resume true, or start over "
+                            "with --overwrite true (deletes it) or another --output_dir")
+    if cfg.resume and checkpoint is None and holds_metrics:
+        raise TrainingError(f"--resume: {cfg.output_dir} holds metrics.jsonl but no complete checkpoint to resume "
+                            "from; start over with --overwrite true or another --output_dir")
+    if cfg.resume and checkpoint is not None:
+        resume_notes(_marker(checkpoint)["config"], cfg)
+
+
+def nonfinite_tensors(state, name: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested dict/list state that hold a NaN or an inf."""
+    if torch.is_tensor(state):
+        return [name] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else []
+    return [bad for k, v in items for bad in nonfinite_tensors(v, f"{name}.{k}" if name else str(k))]
+
+
+def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> str:
+    """Write output_dir/checkpoint atomically: a crash while saving leaves the previous checkpoint intact.
+    policy/ is a Hugging Face folder (eval_judge.py and from_pretrained read it); state.pt holds the rest."""
+    final = os.path.join(output_dir, CHECKPOINT_DIR)
+    tmp = final + ".tmp"
+    # --- distributed: gather the full (unsharded) policy and its optimiser state; rank 0 alone writes ---
+    policy_weights, policy_optimizer = distributed.policy_state(policy, optimizers["policy"])
+    if not distributed.is_main_process():
+        return final
+    state = {
+        "step": step,  # last completed step
+        "config": dataclasses.asdict(cfg),
+        "reward_model": reward_model.trainable_state_dict(),
+        "optimizers": {k: policy_optimizer if k == "policy" else o.state_dict() for k, o in optimizers.items()},
+        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": random.getstate(),
+        },
+    }
+    bad = nonfinite_tensors({"policy": policy_weights, **state})
+    if bad:
+        raise TrainingError(f"step {step}: not saving a checkpoint with {len(bad)} non-finite tensors (first: {bad[0]}); "
+                            f"the last good one stays in {find_checkpoint(output_dir) or 'nowhere yet'}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if hasattr(policy, "peft_config"):  # LoRA (lora.py): the adapter, and a merged policy/ with --merge_on_save
+            import lora
+
+            lora.save_adapter(policy, tokenizer, tmp, cfg.merge_on_save)
+        else:
+            policy.save_pretrained(os.path.join(tmp, "policy"), state_dict=policy_weights)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
+            json.dump({"step": step, "config": state["config"]}, f)
+    except Exception as e:  # noqa: BLE001 - disk full, permissions, a serialiser's own error: one line, nothing lost
+        raise TrainingError(f"step {step}: could not write {tmp}: {type(e).__name__}: {str(e).splitlines()[0]}; "
+                            f"the last complete checkpoint is untouched") from e
+    _swap_in(tmp, final, step)
+    return final
+
+
+def _swap_in(src: str, final: str, step: int) -> None:
+    """checkpoint/ -> checkpoint.old/, then src -> checkpoint/. Between the two renames no checkpoint/ exists, but
+    src and .old are both complete, and `find_checkpoint` finds the newer one."""
+    old = final + ".old"
+    if src != old:
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
+    if os.environ.get("R2M_TEST_KILL_BETWEEN_RENAMES") == str(step):  # crash-injection hook, set by tests only
+        os.kill(os.getpid(), 9)
+    shutil.rmtree(final, ignore_errors=True)  # gone already, unless src is .old beside an unmarked checkpoint/
+    os.replace(src, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> int:
+    """Restore the newest complete checkpoint; returns the next step to run. A save that a crash interrupted is
+    finished first (the newest complete folder becomes checkpoint/), so the next save starts from a clean layout."""
+    path, final = find_checkpoint(output_dir), os.path.join(output_dir, CHECKPOINT_DIR)
+    if path != final:
+        tqdm.write(f"note: {path} is the newest complete checkpoint (a save was interrupted); it becomes {final}")
+        _swap_in(path, final, -1)
+    for note in resume_notes(_marker(final)["config"], cfg):
+        tqdm.write(f"note: {note}")
+    # mmap: every rank reads the small entries; the policy's optimiser state is only read on rank 0
+    state = torch.load(os.path.join(final, "state.pt"), map_location="cpu", weights_only=False, mmap=True)
+    if hasattr(policy, "peft_config") or os.path.isdir(os.path.join(final, "adapter")):  # LoRA (lora.py)
+        import lora
+
+        lora.load_adapter(policy, final)
+        weights = policy.state_dict()  # the adapter is in; what follows restores the optimiser state
+    else:
+        weights = type(policy).from_pretrained(os.path.join(final, "policy"), dtype=torch.float32).state_dict()
+    # --- distributed: full weights and optimiser state into a plain or sharded policy, any number of ranks ---
+    distributed.load_policy_state(policy, optimizers.get("policy"), weights, state["optimizers"].get("policy"))
+    del weights
+    reward_model.load_trainable_state_dict(state["reward_model"])
+    for k, o in optimizers.items():
+        if k != "policy":
+            o.load_state_dict(state["optimizers"][k])
+    for k, s in schedulers.items():
+        s.load_state_dict(state["schedulers"][k])
+        # The learning rate in effect comes from this run's flags (they may change on resume), decayed over this T.
+        lr = cfg.policy_lr if k == "policy" else cfg.rm_lr
+        s.base_lrs = [lr] * len(s.base_lrs)
+        for group in optimizers[k].param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * s.lr_lambdas[0](s.last_epoch)
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    random.setstate(state["rng"]["python"])
+    return state["step"] + 1
+
+
+def _metric_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # blank, or cut short by a crash
