@@ -204,6 +204,20 @@ def build_reward_model(tokenizer, seed: int = 1, hidden_size: int = 48, arch: st
     return model
 
 
+def loop_config(**overrides):
+    """An `r2m.R2MConfig` for a tiny loop on CPU (8 prompts x 4 per step, 2 steps, short responses, no
+    checkpoints, no samples printed), with `overrides` (output_dir among them) on top: the tests' common
+    starting point."""
+    import r2m
+
+    base = dict(
+        queries_per_step=8, group_size=4, total_trajectories=8 * 4 * 2, max_new_tokens=8, policy_lr=1e-3,
+        rm_lr=1e-2, d_attn=16, policy_minibatch_size=16, micro_batch_size=8, forward_batch_size=16,
+        generation_batch_size=32, rm_minibatch_groups=4, device="cpu", save_every=0, sample_every=0,
+    )
+    return r2m.R2MConfig(**{**base, **overrides})
+
+
 def save_models(directory: str, seed: int = 0) -> dict[str, str]:
     """Write the tiny policy, reward model and a tiny judge LM as Hugging Face folders (with the tokenizer),
     so tools that load by path (eval_judge.py) can be run offline end to end."""

@@ -12,14 +12,8 @@ import tiny
 
 
 def _cfg(tmp_path, **overrides) -> r2m.R2MConfig:
-    base = dict(
-        queries_per_step=4, group_size=4, total_trajectories=16 * 2, max_new_tokens=5, policy_lr=1e-2,
-        rm_lr=1e-2, d_attn=16, policy_minibatch_size=16, micro_batch_size=8, forward_batch_size=16,
-        generation_batch_size=16, rm_minibatch_groups=4, device="cpu", output_dir=str(tmp_path / "run"),
-        save_every=0, sample_every=0,
-    )
-    base.update(overrides)
-    return r2m.R2MConfig(**base)
+    small = dict(queries_per_step=4, total_trajectories=16 * 2, max_new_tokens=5, policy_lr=1e-2, generation_batch_size=16)
+    return tiny.loop_config(**{"output_dir": str(tmp_path / "run"), **small, **overrides})
 
 
 def test_sampling_ignores_the_models_own_generation_config(tmp_path, tokenizer, prompts):

@@ -12,14 +12,7 @@ import tiny
 
 
 def tiny_cfg(tmp_path, **overrides) -> r2m.R2MConfig:
-    base = dict(
-        queries_per_step=8, group_size=4, total_trajectories=8 * 4 * 2, max_new_tokens=8, policy_lr=1e-3,
-        rm_lr=1e-2, d_attn=16, policy_minibatch_size=16, micro_batch_size=8, forward_batch_size=16,
-        generation_batch_size=32, rm_minibatch_groups=4, device="cpu", output_dir=str(tmp_path / "run"),
-        save_every=0, sample_every=0,
-    )
-    base.update(overrides)
-    return r2m.R2MConfig(**base)
+    return tiny.loop_config(**{"output_dir": str(tmp_path / "run"), **overrides})
 
 
 def snapshot(module):
@@ -128,7 +121,7 @@ def test_lr_schedule(tmp_path, tokenizer, models, prompts, schedule):
         tiny_cfg(tmp_path, lr_schedule="cosine").validate()
 
 
-@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+@pytest.mark.parametrize("algo", ["rloo", "grpo", "remax", "reinforce_pp"])  # every estimator learns
 def test_tiny_run_raises_a_fixed_reward(tmp_path, tokenizer, models, prompts, algo):
     """Frozen tiny RM as a fixed reward. Short responses (3 tokens) keep credit assignment easy enough for
     a 2-layer random policy to learn within 16 steps of 32 trajectories."""

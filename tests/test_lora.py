@@ -22,14 +22,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONU
 
 
 def tiny_cfg(tmp_path, **overrides) -> r2m.R2MConfig:
-    base = dict(
-        queries_per_step=8, group_size=4, total_trajectories=8 * 4 * 2, max_new_tokens=4, policy_lr=1e-2,
-        rm_lr=1e-2, d_attn=16, policy_minibatch_size=16, micro_batch_size=8, forward_batch_size=16,
-        generation_batch_size=32, rm_minibatch_groups=4, device="cpu", output_dir=str(tmp_path / "run"),
-        save_every=0, sample_every=0,
-    )
-    base.update(overrides)
-    return r2m.R2MConfig(**base)
+    return tiny.loop_config(**{"output_dir": str(tmp_path / "run"), "max_new_tokens": 4, "policy_lr": 1e-2, **overrides})
 
 
 def lora_policy(tokenizer, seed=0, r=8):
