@@ -12,15 +12,18 @@ RL step with the GREBT loss (Bradley-Terry on self-labelled pairs + group reward
 
 This file reads in the order of the paper's Algorithm 1:
     §1 config                      `R2MConfig`
-    §2 the formulas                Eq. 1 `rloo_advantages`, GRPO `grpo_advantages`, Eq. 2 `policy_loss`,
+    §2 the formulas                Eq. 1 `rloo_advantages`, GRPO `grpo_advantages` (and the baselines'
+                                   `remax_advantages`, `reinforce_pp_advantages`), Eq. 2 `policy_loss`,
                                    Eq. 4 `omega`, Eq. 5 `bradley_terry_loss`, Eq. 6 `group_reward_entropy`,
                                    Eq. 7 `grebt_loss`
     §3 the reward model            `HiddenStateCapture`, Eq. 3 `PolicyFeedbackAttention`,
-                                   Eq. 3-4 `R2MRewardModel`, the reward modes table
-    §4 one training step           1 `rollout` (sampling + old/ref log-probs + hidden states)
-                                   2 `annotate_rewards`  3 advantages  4 `policy_update`
-                                   5 `reward_model_update` (GREBT)
-    §5 the loop                    `train` (tqdm, JSON-lines metrics, checkpoints, resume)
+                                   Eq. 3-4 `R2MRewardModel`, the Pretrained-RM baseline's fine-tuning, the
+                                   reward modes table `REWARD_MODES`
+    §4 one training step           1 `rollout` (sampling + old/ref log-probs + hidden states; ReMax's
+                                   `greedy_baseline`)  2 `annotate_rewards`  3 `compute_advantages` (`ALGOS`)
+                                   4 `policy_update`  5 `reward_model_update` (GREBT)
+    §5 the loop                    `train` (tqdm, JSON-lines metrics, diagnostics; checkpoint files and
+                                   resuming live in `checkpoints.py`, multi-GPU helpers in `distributed.py`)
 
 Departures from the textbook algorithm, each a "Choice:" written again where it is made:
 - The RM body is frozen, so a sample's reward-token embedding H_last does not change within a step. We
