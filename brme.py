@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import print0  # rank 0 only under torchrun
-from r2m import FrozenRewardBody, R2MConfig, RMView, make_runtime, pad_right
+from r2m import FrozenRewardBody, R2MConfig, RMView, make_runtime
 
 
 def gaussian_bradley_terry_loss(
@@ -143,26 +143,27 @@ def fit_brme_heads(
 def fit_brme_from_file(brme: BRMEReward, path: str, rm_view: RMView, cfg: R2MConfig) -> list[float]:
     """Train BRME's heads on a preference file: rows {prompt, chosen, rejected} (texts, or chats as in
     UltraFeedback). The RM body runs once per response to get its reward-token embedding."""
-    from runner import load_rows, response_text  # the scripts' loader: one-line errors on a bad file
+    from runner import preference_views  # the scripts' loader: one-line errors on a bad file
 
-    rows = load_rows(path, "train", ["prompt", "chosen", "rejected"])
+    chosen, rejected = preference_views(path, rm_view)  # (ids, mask) each, (M, S)
     rt = make_runtime(cfg)
     brme.to(rt.device)
     brme.reward_model.to(rt.device, rt.autocast_dtype or torch.float32).eval()
 
-    def embed(column: str) -> torch.Tensor:  # -> (M, D_rm)
+    def embed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (M, S) -> (M, D_rm)
         out = []
-        for s in range(0, len(rows), cfg.forward_batch_size):
-            ids = [rm_view(str(r["prompt"]), response_text(r[column])) for r in rows[s : s + cfg.forward_batch_size]]
-            ids, mask = pad_right(ids, 0)
+        for s in range(0, len(ids), cfg.forward_batch_size):
+            batch_mask = mask[s : s + cfg.forward_batch_size]
+            L = int(batch_mask.sum(1).max())  # right-padded: cut the batch to its own longest row
             with rt.autocast():
-                out.append(brme.reward_token_embedding(ids.to(rt.device), mask.to(rt.device)).float())
+                out.append(brme.reward_token_embedding(ids[s : s + cfg.forward_batch_size, :L].to(rt.device),
+                                                       batch_mask[:, :L].to(rt.device)).float())
         return torch.cat(out)
 
     accuracies = fit_brme_heads(
-        brme, embed("chosen"), embed("rejected"), cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed,
+        brme, embed(*chosen), embed(*rejected), cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed,
         sigma_prior=cfg.brme_sigma_prior,
     )
-    print0(f"BRME: {brme.num_heads} heads on {len(rows)} pairs from {path}; train accuracy per head "
+    print0(f"BRME: {brme.num_heads} heads on {len(chosen[0])} pairs from {path}; train accuracy per head "
                + ", ".join(f"{a:.3f}" for a in accuracies))
     return accuracies
