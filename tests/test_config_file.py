@@ -13,7 +13,7 @@ import train_tldr
 import train_ultrafeedback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+from helpers import ENV  # noqa: E402  (the scripts' environment, PYTHONPATH included)
 
 
 def parse(*argv, script=train_tldr):
@@ -25,19 +25,20 @@ def test_yaml_config_over_preset_defaults_under_command_line_flags(tmp_path):
     # PyYAML reads 3e-3 (no dot) as a string: it must still become the float flag
     path.write_text("preset: tiny\nreward: vanilla\ntotal_trajectories: 64\npolicy_lr: 3e-3\nbeta: 0.1\n"
                     "report_to: tensorboard\ngradient_checkpointing: false\n")
-    cfg, args = parse("--config", str(path), "--reward", "r2m", "--beta", "0.2")
+    out = ["--output_dir", str(tmp_path / "run")]  # never a default folder: it may hold a user's run
+    cfg, args = parse("--config", str(path), "--reward", "r2m", "--beta", "0.2", *out)
     assert args.preset == "tiny" and cfg.queries_per_step == 8 and cfg.device == "cpu"  # the preset's defaults
     assert cfg.total_trajectories == 64 and cfg.policy_lr == 3e-3 and isinstance(cfg.policy_lr, float)  # the file's
     assert cfg.gradient_checkpointing is False and args.report_to == "tensorboard"
     assert cfg.reward == "r2m" and cfg.beta == 0.2  # the command line wins
-    cfg, args = parse("--config", str(path), "--preset", "paper", "--total_trajectories", "8192")  # and its --preset
+    cfg, args = parse("--config", str(path), "--preset", "paper", "--total_trajectories", "8192", *out)  # and its --preset
     assert args.preset == "paper" and cfg.queries_per_step == 2048 and cfg.reward == "vanilla"
 
 
 def test_json_config_for_the_dialogue_script(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"preset": "qwen", "group_size": 4, "lora_r": 16}))
-    cfg, args = parse("--config", str(path), script=train_ultrafeedback)
+    cfg, args = parse("--config", str(path), "--output_dir", str(tmp_path / "run"), script=train_ultrafeedback)
     assert args.policy_model == "Qwen/Qwen2.5-3B-Instruct" and cfg.omega_floor == 0.7  # qwen preset beneath
     assert cfg.group_size == 4 and args.lora_r == 16
 
@@ -53,10 +54,10 @@ def test_bad_config_files_are_one_clear_line(tmp_path, content, name, message):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(SystemExit) as e:
-        parse("--config", str(path))
+        parse("--config", str(path), "--output_dir", str(tmp_path / "run"))
     assert str(e.value).startswith("error:") and message in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(SystemExit) as e:
-        parse("--config", str(tmp_path / "missing.yaml"))
+        parse("--config", str(tmp_path / "missing.yaml"), "--output_dir", str(tmp_path / "run"))
     assert "could not read --config" in str(e.value)
 
 
@@ -66,7 +67,7 @@ def test_run_writes_its_resolved_config_and_the_file_replays_it(tmp_path):
     path.write_text(f"preset: tiny\nreward: vanilla\ntotal_trajectories: 32\noutput_dir: {out}\n")
     cfg, args = parse("--config", str(path), "--seed", "3")  # before the run: then the folder holds one
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_tldr.py"), "--config", str(path), "--seed", "3"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                          env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "config.json") as f:
         written = json.load(f)

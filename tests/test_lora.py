@@ -18,7 +18,7 @@ pytest.importorskip("peft", reason="pip install peft (.ci/run installs it)")
 import lora  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+from helpers import ENV  # noqa: E402  (the scripts' environment, PYTHONPATH included)
 
 
 def tiny_cfg(tmp_path, **overrides) -> r2m.R2MConfig:
@@ -172,7 +172,7 @@ def test_checkpoint_holds_the_adapter_resumes_and_merges(tmp_path, tokenizer, pr
 
 def run(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train_tldr.py"), "--preset", "tiny", *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                          env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def test_lora_flags_end_to_end_with_resume_and_clear_errors(tmp_path, tokenizer):
@@ -198,7 +198,8 @@ def test_lora_flags_end_to_end_with_resume_and_clear_errors(tmp_path, tokenizer)
         (lambda: checkpoints.load_checkpoint(out, tiny.build_policy(tokenizer), rm, {}, {}, cfg), "holds a LoRA adapter"),
         (lambda: checkpoints.load_checkpoint(out, lora.add_lora(tiny.build_policy(tokenizer), 8, 32, "query_key_value,dense"),
                                      rm, {}, {}, cfg), "written with LoRA r = 4, not 8"),
-        (lambda: runner.parse_flags(train_tldr.TLDRArgs, train_tldr.PRESETS, ["--preset", "tiny", "--merge_on_save", "true"]),
+        (lambda: runner.parse_flags(train_tldr.TLDRArgs, train_tldr.PRESETS, ["--preset", "tiny", "--merge_on_save", "true",
+                                                                               "--output_dir", str(tmp_path / "o")]),
          "--merge_on_save needs --lora_r"),
         (lambda: lora.add_lora(tiny.build_policy(tokenizer), 4, 8, "q_proj"), "not found"),
     ]

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import overoptimization as oo  # noqa: E402
+from helpers import ENV  # noqa: E402
 import r2m  # noqa: E402
 
 
@@ -58,8 +59,8 @@ def test_omega_scaled_control_is_omega_times_the_proxy():
 def test_quick_study_runs_and_vanilla_rl_raises_the_proxy(tmp_path):
     out = str(tmp_path / "quick")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "overoptimization.py"), "--quick",
-                           "--threads", "1", "--output_dir", out], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                           "--threads", "1", "--output_dir", out], env=ENV, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "steps.csv")) as f:
         rows = list(csv.DictReader(f))

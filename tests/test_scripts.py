@@ -8,11 +8,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+from helpers import ENV  # noqa: E402  (the scripts' environment, PYTHONPATH included)
 
 
 def run(script, *args, check=True):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=ENV,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=ENV,
                           capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]

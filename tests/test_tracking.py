@@ -13,7 +13,7 @@ import r2m
 import tracking
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+from helpers import ENV  # noqa: E402  (the scripts' environment, PYTHONPATH included)
 
 
 def tiny_run(tmp_path, tokenizer, models, prompts, tracker, steps=3, sample_every=2):
@@ -57,7 +57,7 @@ def test_tensorboard_event_file_reads_back_with_tensorboards_reader(tmp_path):
     out = tmp_path / "tb"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_tldr.py"), "--preset", "tiny", "--output_dir",
                            str(out), "--total_trajectories", "160", "--report_to", "tensorboard"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                          env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "metrics.jsonl") as f:
         lines = [json.loads(line) for line in f]
@@ -113,7 +113,7 @@ def test_missing_tracker_package_is_one_clear_line(tmp_path, monkeypatch, report
 
 def test_bad_report_to_is_one_clear_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_tldr.py"), "--preset", "tiny", "--output_dir",
-                           str(tmp_path / "o"), "--report_to", "mlflow"], cwd=ROOT, env=ENV, capture_output=True,
+                           str(tmp_path / "o"), "--report_to", "mlflow"], env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == "error: --report_to must be one of none, tensorboard, wandb, got 'mlflow'"
@@ -126,7 +126,7 @@ def test_wandb_without_an_account_is_one_clear_line(tmp_path):
     env = {k: v for k, v in ENV.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"))  # no ~/.netrc, no login
     proc = subprocess.run([sys.executable, "-c", f"import tracking; tracking.make_tracker('wandb', {str(tmp_path / 'run')!r}, {{}})"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+                          env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("error: wandb could not start a run (") and "WANDB_MODE=offline" in last
     assert "Traceback" not in proc.stderr
