@@ -48,6 +48,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -1464,8 +1465,10 @@ def train(
                 reward_model, guarded["reward_model"], ro, rm_rewards.view(n_rank, K), omega_t, mode, rank_cfg, rt
             )
         t4 = time.perf_counter()
-        for s in schedulers.values():
-            s.step()
+        with warnings.catch_warnings():  # a skipped (non-finite) first update is no misordering: the schedule is
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step..")  # still per RL step
+            for s in schedulers.values():
+                s.step()
 
         resp_len = ro.response_mask.sum(1).float()
         kl_seq = ((ro.old_logprobs - ro.ref_logprobs) * ro.response_mask).sum(1)
@@ -1522,10 +1525,14 @@ def train(
             tracker.log(record, samples)
         bad = next((k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)), None)
         nonfinite_streak = nonfinite_streak + 1 if bad or record["nonfinite/skipped_updates"] else 0
-        if nonfinite_streak >= cfg.max_nonfinite_steps:
+        # A run stops after --max_nonfinite_steps such steps in a row, and also when it ends on one: its last
+        # updates were skipped and no checkpoint holds them, so it must not look like a finished run (exit 0).
+        if nonfinite_streak >= cfg.max_nonfinite_steps or (nonfinite_streak and step == T - 1):
             raise TrainingError(f"step {step}: {bad or 'a gradient norm'} was not finite in {nonfinite_streak} steps in a "
-                                "row (updates skipped); lower --policy_lr / --rm_lr or check the reward model, then "
-                                "resume from the last good checkpoint with --resume true")
+                                "row (updates skipped)" + ("" if nonfinite_streak >= cfg.max_nonfinite_steps else
+                                                           ", and the run ended there")
+                                + "; lower --policy_lr / --rm_lr or check the reward model, then resume from the last "
+                                "good checkpoint with --resume true")
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == T - 1):
             if nonfinite_streak:  # a step with non-finite values is no state to resume from
                 tqdm.write(f"step {step}: no checkpoint after non-finite values; the last good one stays")

@@ -24,7 +24,9 @@ import train_tldr
 import train_ultrafeedback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+from helpers import ENV as _ENV  # noqa: E402
+
+ENV = {**_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def command(script, *args):
@@ -35,7 +37,7 @@ def run(script, *args, env=None, check=True, limit_file_size=None):
     preexec = None
     if limit_file_size is not None:  # every write that would grow a file past this many bytes fails (EFBIG)
         preexec = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))  # noqa: E731
-    proc = subprocess.run(command(script, *args), cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True,
+    proc = subprocess.run(command(script, *args), env={**ENV, **(env or {})}, capture_output=True,
                           text=True, timeout=300, preexec_fn=preexec)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -143,7 +145,7 @@ def test_killed_runs_resume_exactly_and_a_kill_between_the_renames_loses_nothing
 
     # 1) SIGKILL from outside once step 4's metrics are written: between the checkpoints of steps 3 and 5
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(command("train_tldr.py", *SIX_STEPS, "--output_dir", out), cwd=ROOT, env=ENV,
+    proc = subprocess.Popen(command("train_tldr.py", *SIX_STEPS, "--output_dir", out), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics_path, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -281,6 +283,30 @@ def test_a_checkpoint_with_a_nonfinite_tensor_is_never_written(tmp_path, tokeniz
         checkpoints.save_checkpoint(cfg.output_dir, 1, policy, tokenizer, reward_model, {"policy": opt}, {}, cfg)
     assert open(os.path.join(cfg.output_dir, "checkpoint", "state.pt"), "rb").read() == good
     assert checkpoints.find_checkpoint(cfg.output_dir) == os.path.join(cfg.output_dir, "checkpoint")
+
+
+def test_a_run_that_ends_on_nonfinite_steps_exits_non_zero_without_scheduler_warnings(tmp_path):
+    """An RM whose scores are infinite, a 2-step run (fewer steps than --max_nonfinite_steps): both updates are
+    skipped and no checkpoint is written, so the run must not end as a finished one (exit 0). And a skipped first
+    update is no misordered lr_scheduler.step(): PyTorch's warning about it is not printed."""
+    from transformers import AutoModelForSequenceClassification
+
+    paths = tiny.save_models(str(tmp_path / "models"))
+    rm = AutoModelForSequenceClassification.from_pretrained(paths["reward_model"])
+    with torch.no_grad():
+        rm.score.weight.fill_(float("inf"))
+    rm.save_pretrained(paths["reward_model"])
+    out = str(tmp_path / "run")
+    flags = ["--policy_model", paths["policy"], "--reward_model", paths["reward_model"], "--dataset", tiny.TLDR_TINY,
+             "--device", "cpu", "--queries_per_step", "8", "--total_trajectories", "64", "--max_new_tokens", "4",
+             "--policy_minibatch_size", "16", "--micro_batch_size", "8", "--forward_batch_size", "32",
+             "--generation_batch_size", "32", "--rm_minibatch_groups", "4", "--d_attn", "16", "--max_prompt_tokens", "128",
+             "--save_every", "1", "--output_dir", out]
+    proc = run("train_tldr.py", *flags, check=False)
+    assert_one_line_error(proc, "step 1: reward/mean was not finite in 2 steps in a row", "the run ended there",
+                          "--resume true")
+    assert "lr_scheduler.step()" not in proc.stderr + proc.stdout
+    assert [m["step"] for m in strict_metrics(out)] == [0, 1] and not checkpoints.has_checkpoint(out)
 
 
 def test_diverging_learning_rate_stops_with_one_line_and_no_checkpoint(tmp_path):
