@@ -17,6 +17,11 @@ actually switched on while over-optimisation happens.
 
     python experiments/overoptimization.py --threads 1                 # the study: 8 arms x 5 seeds
     python experiments/overoptimization.py --quick --output_dir /tmp/q  # pipeline check (< 3 min, 2 cores)
+    python experiments/overoptimization.py --build_world --threads 2   # rebuild experiments/world/ (30 s)
+
+Steps 1-3 (the world) are built once and shipped in experiments/world/ (the SFT policy and proxy RM as Hugging
+Face folders, the prompts and preference pairs as JSON): training them depends on the CPU's float kernels and
+thread count, so a world rebuilt on another machine is another world. Every study run loads the shipped one.
 
 Writes steps.csv (every step of every run), summary.csv / summary.json (the table), and overoptimization.png
 (gold-vs-KL frontier, proxy-vs-KL, on-policy agreement and feedback diagnostics per step; needs matplotlib,
@@ -102,7 +107,7 @@ RL = dict(queries_per_step=16, group_size=4, max_new_tokens=8, temperature=0.7,
 STEPS, SEEDS = 150, [0, 1, 2, 3, 4]
 # --quick is a pipeline check, not the study: 1 seed, 40 steps, and a policy lr at which 40 steps of RL on
 # the proxy clearly raise the proxy (what its test asserts); every other setting as in the study.
-QUICK = dict(steps=40, seeds=[0], policy_lr=1e-4)
+QUICK = dict(steps=40, seeds=[0], policy_lr=3e-4)
 # Reporting choices, also fixed in advance: curves are smoothed by a 5-step moving average; "final" is the
 # smoothed value at the last step, "best" the maximum of the smoothed gold curve (and its step); "gold @ KL k"
 # is the smoothed gold where the smoothed KL first reaches k nats (n/a for a run that never does); "late" means
@@ -422,9 +427,15 @@ def mean_spread(xs: list, fmt: str) -> str:
     return text if len(have) == len(xs) else f"{text} ({len(have)}/{len(xs)})"
 
 
-def build_world(threads: int) -> tuple[dict, float]:
+WORLD_DIR = os.path.join(ROOT, "experiments", "world")  # the shipped world: SFT policy, proxy RM, pairs, prompts
+
+
+def build_world() -> dict:
     """1-3: the world, the SFT policy, the proxy RM (fixed seed: the same for every arm and RL seed).
-    -> (world, proxy RM accuracy on held-out gold pairs)."""
+
+    Training them on a CPU depends on its float kernels and thread count (reduction order), so a world built on
+    another machine is a slightly different world. The study therefore builds it once (`--build_world`), ships
+    it in experiments/world/, and every run loads that (`load_world`)."""
     rng = random.Random(1234)
     tokenizer = build_tokenizer()
     policy = tiny_lm(tokenizer, seed=0)
@@ -433,20 +444,61 @@ def build_world(threads: int) -> tuple[dict, float]:
     heldout_pairs = make_pairs(policy, tokenizer, rng, WORLD["rm_heldout_pairs"], 0.0)
     proxy = tiny_lm(tokenizer, seed=1, classifier=True)
     train_proxy_rm(proxy, train_pairs, rng, WORLD["rm_epochs"])
-    with torch.no_grad():
-        proxy_acc = (proxy(*pair_batch(heldout_pairs, "chosen")).logits
-                     > proxy(*pair_batch(heldout_pairs, "rejected")).logits).float().mean().item()
     posts = [make_post(rng) for _ in range(256)]
     prompts = [tokenizer(prompt_text(w))["input_ids"] for w, _ in posts]
-    world = {"tokenizer": tokenizer, "policy": policy, "proxy": proxy, "prompts": prompts,
-             "prompt_items": {tuple(p): items for p, (_, items) in zip(prompts, posts)},
-             "train_pairs": train_pairs, "heldout_pairs": heldout_pairs}
-    return world, proxy_acc
+    return {"tokenizer": tokenizer, "policy": policy, "proxy": proxy, "prompts": prompts,
+            "prompt_items": [items for _, items in posts], "train_pairs": train_pairs, "heldout_pairs": heldout_pairs}
+
+
+def proxy_accuracy(world: dict) -> float:
+    """The proxy RM's accuracy on the held-out, noise-free gold pairs."""
+    proxy, pairs = world["proxy"], world["heldout_pairs"]
+    with torch.no_grad():
+        return (proxy(*pair_batch(pairs, "chosen")).logits > proxy(*pair_batch(pairs, "rejected")).logits).float().mean().item()
+
+
+def save_world(world: dict, folder: str, built_on: str) -> None:
+    """The world as files: two Hugging Face model folders and one JSON of prompts and pairs (about 1 MB)."""
+    os.makedirs(folder, exist_ok=True)
+    world["policy"].save_pretrained(os.path.join(folder, "sft_policy"))
+    world["proxy"].save_pretrained(os.path.join(folder, "proxy_rm"))
+    data = {k: world[k] for k in ("prompts", "prompt_items", "train_pairs", "heldout_pairs")}
+    data["built_on"] = built_on
+    data["proxy_heldout_accuracy"] = proxy_accuracy(world)
+    with open(os.path.join(folder, "world.json"), "w") as f:
+        json.dump(data, f)
+
+
+def load_world(folder: str = WORLD_DIR) -> tuple[dict, float]:
+    """The shipped world -> (world, proxy RM accuracy on held-out gold pairs)."""
+    from transformers import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
+
+    path = os.path.join(folder, "world.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no world in {folder}; build one with --build_world")
+    with open(path) as f:
+        data = json.load(f)
+    world = {**data, "tokenizer": build_tokenizer(),
+             "policy": GPTNeoXForCausalLM.from_pretrained(os.path.join(folder, "sft_policy")).eval(),
+             "proxy": GPTNeoXForSequenceClassification.from_pretrained(os.path.join(folder, "proxy_rm")).eval()}
+    world["prompt_items"] = {tuple(p): items for p, items in zip(world["prompts"], world["prompt_items"])}
+    return world, proxy_accuracy(world)
 
 
 STEP_FIELDS = ["method", "seed", "step", "omega", "kl/sequence", "kl/token", "gold", "proxy", "reward/mean",
                "agree/used", "agree/proxy", "agree/pairs", "feedback/attn_rel_change", "feedback/reward_var_share",
                "rm/grebt", "rm_accuracy", "time/step"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def main() -> None:
@@ -456,9 +508,21 @@ def main() -> None:
     parser.add_argument("--output_dir", default="runs/overoptimization", help="Where steps.csv, summary.* and the plot go.")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (1 on a shared machine).")
+    parser.add_argument("--seeds", default=None,
+                        help="Comma-separated RL seeds (default: 0-4, or 0 with --quick).")
     parser.add_argument("--from_steps", default=None,
                         help="Only rebuild summary.* and the plot in --output_dir from this steps.csv (no training).")
+    parser.add_argument("--world", default=WORLD_DIR, help="Folder of the world (SFT policy, proxy RM, pairs) to study.")
+    parser.add_argument("--build_world", action="store_true",
+                        help="Train the SFT policy and proxy RM from scratch and write them to --world (then stop).")
     args = parser.parse_args()
+    if args.build_world:
+        torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        built_on = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, --threads {args.threads}"
+        save_world(build_world(), args.world, built_on)
+        print(f"wrote the world to {args.world} in {time.perf_counter() - t0:.0f}s ({built_on})")
+        return
     if args.from_steps:
         histories = histories_from_steps_csv(args.from_steps)
         steps = len(next(iter(histories.values()))[0])
@@ -472,11 +536,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
     steps, seeds = (QUICK["steps"], QUICK["seeds"]) if args.quick else (STEPS, SEEDS)
+    if args.seeds:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            raise SystemExit(f"error: --seeds must be comma-separated integers, got {args.seeds!r}") from None
     rl = {**RL, "policy_lr": QUICK["policy_lr"]} if args.quick else RL
     t0 = time.perf_counter()
 
-    world, proxy_acc = build_world(args.threads)
-    print(f"world ready in {time.perf_counter() - t0:.0f}s: proxy RM accuracy on held-out gold pairs {proxy_acc:.3f}")
+    world, proxy_acc = load_world(args.world)
+    print(f"world from {args.world} (built on {world['built_on']}): proxy RM accuracy on held-out gold pairs "
+          f"{proxy_acc:.3f}")
     t_full = first_full_weight_step(steps, rl["omega_floor"])
     print(f"{steps} steps; ω(t) = Ω = {rl['omega_floor']} from step {t_full}")
 
@@ -505,7 +575,7 @@ def main() -> None:
     meta = {"steps": steps, "seeds": seeds, "world": WORLD, "rl": rl, "matched_kl": MATCHED_KL,
             "omega_floor_from_step": t_full, "proxy_heldout_accuracy": proxy_acc,
             "seconds": time.perf_counter() - t0, "seconds_per_run_mean": statistics.fmean(run_seconds),
-            "threads": args.threads}
+            "threads": args.threads, "world_built_on": world["built_on"]}
     report(histories, meta, args.output_dir)
 
 
