@@ -45,7 +45,8 @@ def run_ours(folder: str, s: dict, queue) -> None:
                         temperature=s["temperature"], policy_lr=s["lr"], policy_epochs=s["epochs"],
                         policy_minibatch_size=s["minibatch"], micro_batch_size=s["minibatch"],
                         forward_batch_size=n * K, generation_batch_size=n * K, beta=s["beta"], clip_eps=0.2,
-                        device="cpu", save_every=0, sample_every=0, output_dir=os.path.join(folder, "ours"))
+                        device="cpu", save_every=0, sample_every=0, output_dir=os.path.join(folder, "ours"),
+                        overwrite=True)  # a scratch folder: each repeat replaces the last
     reward_model = r2m.R2MRewardModel(rm, d_policy=policy.config.hidden_size, d_attn=8)
     t = time.perf_counter()
     r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
