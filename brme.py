@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distributed import print0  # rank 0 only under torchrun
-from r2m import FrozenRewardBody, R2MConfig, RMView, make_runtime
+import distributed
+from devices import Runtime
+from r2m import FrozenRewardBody, R2MConfig, float32_only, reward_token_embeddings
 
 
 def gaussian_bradley_terry_loss(
@@ -72,9 +73,11 @@ class BRMEReward(FrozenRewardBody):
         return self.heads.out_features // 2
 
     def head_distributions(self, rte: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D_rm) -> μ (B, E), σ (B, E)."""
-        out = self.heads(rte.to(self.heads.weight.dtype)).view(rte.shape[0], self.num_heads, 2)  # (B, E, 2)
-        return out[..., 0], out[..., 1].clamp(-6.0, 6.0).exp()  # log σ clamped: σ in [2.5e-3, 403]
+        """(B, D_rm) -> μ (B, E), σ (B, E), in float32 even under bf16 autocast, as R2M's rewards (`float32_only`):
+        the heads were fitted in float32, and RL must see the rewards they were fitted to give."""
+        with float32_only(rte):
+            out = self.heads(rte.float()).view(rte.shape[0], self.num_heads, 2)  # (B, E, 2)
+            return out[..., 0], out[..., 1].clamp(-6.0, 6.0).exp()  # log σ clamped: σ in [2.5e-3, 403]
 
     def rewards_from_embedding(self, rte, h=None, h_mask=None, omega: float = 1.0) -> torch.Tensor:
         """(B, D_rm) -> (B,) robust reward; h and ω are ignored (BRME has no policy feedback)."""
@@ -86,6 +89,19 @@ class BRMEReward(FrozenRewardBody):
 
     def trainable_state_dict(self) -> dict:
         return {"heads": self.heads.state_dict(), "lam": self.lam}
+
+    def fit_before_rl(self, chosen: tuple[torch.Tensor, torch.Tensor], rejected: tuple[torch.Tensor, torch.Tensor],
+                      cfg: R2MConfig, rt: Runtime) -> str:
+        """Fit the heads on preference pairs (ids, mask) (M, S) in the RM's view, before RL; one line to print.
+        The frozen body runs once per response (`r2m.reward_token_embeddings`; under torchrun each process
+        embeds a share), then every process fits the same heads and keeps rank 0's."""
+        chosen_rte = reward_token_embeddings(self, *chosen, cfg.forward_batch_size, rt)  # (M, D_rm)
+        rejected_rte = reward_token_embeddings(self, *rejected, cfg.forward_batch_size, rt)
+        accuracies = fit_brme_heads(self, chosen_rte, rejected_rte, cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed,
+                                    sigma_prior=cfg.brme_sigma_prior)
+        distributed.broadcast_parameters(self.heads.parameters())  # --- distributed: every rank keeps rank 0's fit ---
+        return (f"BRME: {self.num_heads} heads on {len(chosen[0])} pairs; train accuracy per head "
+                + ", ".join(f"{a:.3f}" for a in accuracies))
 
     def load_trainable_state_dict(self, state: dict) -> None:
         self.heads.load_state_dict(state["heads"])
@@ -138,32 +154,3 @@ def fit_brme_heads(
         mu_l, _ = brme.head_distributions(rejected_rte)
         correct = (mu_w > mu_l).float()  # (M, E)
         return [correct[samples[e], e].mean().item() for e in range(E)]
-
-
-def fit_brme_from_file(brme: BRMEReward, path: str, rm_view: RMView, cfg: R2MConfig) -> list[float]:
-    """Train BRME's heads on a preference file: rows {prompt, chosen, rejected} (texts, or chats as in
-    UltraFeedback). The RM body runs once per response to get its reward-token embedding."""
-    from runner import preference_views  # the scripts' loader: one-line errors on a bad file
-
-    chosen, rejected = preference_views(path, rm_view)  # (ids, mask) each, (M, S)
-    rt = make_runtime(cfg)
-    brme.to(rt.device)
-    brme.reward_model.to(rt.device, rt.autocast_dtype or torch.float32).eval()
-
-    def embed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (M, S) -> (M, D_rm)
-        out = []
-        for s in range(0, len(ids), cfg.forward_batch_size):
-            batch_mask = mask[s : s + cfg.forward_batch_size]
-            L = int(batch_mask.sum(1).max())  # right-padded: cut the batch to its own longest row
-            with rt.autocast():
-                out.append(brme.reward_token_embedding(ids[s : s + cfg.forward_batch_size, :L].to(rt.device),
-                                                       batch_mask[:, :L].to(rt.device)).float())
-        return torch.cat(out)
-
-    accuracies = fit_brme_heads(
-        brme, embed(*chosen), embed(*rejected), cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed,
-        sigma_prior=cfg.brme_sigma_prior,
-    )
-    print0(f"BRME: {brme.num_heads} heads on {len(chosen[0])} pairs from {path}; train accuracy per head "
-               + ", ".join(f"{a:.3f}" for a in accuracies))
-    return accuracies

@@ -14,15 +14,12 @@ import math
 import os
 import random
 import shutil
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
 import distributed
-
-if TYPE_CHECKING:
-    from r2m import R2MConfig
 
 
 CHECKPOINT_DIR = "checkpoint"
@@ -63,19 +60,18 @@ def has_checkpoint(output_dir: str) -> bool:
     return find_checkpoint(output_dir) is not None
 
 
-def resume_notes(saved: dict, cfg: R2MConfig) -> list[str]:
-    """Notes on the settings this resumed run changes; a TrainingError for one it may not change."""
-    from r2m import REWARD_MODES  # at call time: r2m imports this module
-
+def resume_notes(saved: dict, cfg, fitted_before_rl: str = "") -> list[str]:
+    """Notes on the settings this resumed run changes; a TrainingError for one it may not change.
+    saved: the checkpoint's settings; cfg: this run's (a dataclass); fitted_before_rl: what the run's reward mode
+    fitted before RL and the checkpoint holds ("the fitted BRME heads", "the fine-tuned RM"), or "" for nothing."""
     notes = []
     for key, was in saved.items():
         now = getattr(cfg, key, was)
         if now == was or key in ("output_dir", "resume", "overwrite"):
             continue
         if key in RESUME_FROM_CHECKPOINT:
-            fitted = "the BRME heads come" if REWARD_MODES[cfg.reward].ensemble else "the fine-tuned RM comes"
-            if REWARD_MODES[cfg.reward].ensemble or REWARD_MODES[cfg.reward].pretrain:
-                notes.append(f"--{key} {now} is not used: {fitted} from the checkpoint ({key} was {was})")
+            if fitted_before_rl:
+                notes.append(f"--{key} {now} is not used: the checkpoint holds {fitted_before_rl} ({key} was {was})")
         elif key in RESUME_MAY_CHANGE:
             notes.append(f"--{key} {now} (the checkpoint's: {was}) applies from this step on")
         else:
@@ -84,7 +80,7 @@ def resume_notes(saved: dict, cfg: R2MConfig) -> list[str]:
     return notes
 
 
-def check_output_dir(cfg: R2MConfig) -> None:
+def check_output_dir(cfg) -> None:
     """Before anything loads: a fresh run never writes over a run, a resumed one needs its checkpoint and settings."""
     metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
     holds_metrics = os.path.isfile(metrics) and os.path.getsize(metrics) > 0
@@ -96,7 +92,7 @@ def check_output_dir(cfg: R2MConfig) -> None:
         raise TrainingError(f"--resume: {cfg.output_dir} holds metrics.jsonl but no complete checkpoint to resume "
                             "from; start over with --overwrite true or another --output_dir")
     if cfg.resume and checkpoint is not None:
-        resume_notes(_marker(checkpoint)["config"], cfg)
+        resume_notes(_marker(checkpoint)["config"], cfg)  # raises for a setting that must match
 
 
 def nonfinite_tensors(state, name: str = "") -> list[str]:
@@ -107,27 +103,38 @@ def nonfinite_tensors(state, name: str = "") -> list[str]:
     return [bad for k, v in items for bad in nonfinite_tensors(v, f"{name}.{k}" if name else str(k))]
 
 
-def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> str:
+def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model, optimizers: dict, schedulers: dict,
+                    cfg) -> str:
     """Write output_dir/checkpoint atomically: a crash while saving leaves the previous checkpoint intact.
-    policy/ is a Hugging Face folder (eval_judge.py and from_pretrained read it); state.pt holds the rest."""
+    policy/ is a Hugging Face folder (eval_judge.py and from_pretrained read it); state.pt holds the rest.
+    cfg: the run's config (a dataclass), recorded whole."""
     final = os.path.join(output_dir, CHECKPOINT_DIR)
-    tmp = final + ".tmp"
-    # --- distributed: gather the full (unsharded) policy and its optimiser state; rank 0 alone writes ---
+    # --- distributed: gather the full (unsharded) policy, its optimiser state and a trained RM body (collectives:
+    # every rank takes part); rank 0 alone writes, and if it fails every rank stops with it ---
     policy_weights, policy_optimizer = distributed.policy_state(policy, optimizers["policy"])
-    if not distributed.is_main_process():
-        return final
+    reward_state = reward_model.trainable_state_dict()
     state = {
         "step": step,  # last completed step
         "config": dataclasses.asdict(cfg),
-        "reward_model": reward_model.trainable_state_dict(),
+        "reward_model": reward_state,
         "optimizers": {k: policy_optimizer if k == "policy" else o.state_dict() for k, o in optimizers.items()},
         "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
         "rng": {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # this process's own device only: a resume may see fewer GPUs (every rank restores rank 0's state)
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "python": random.getstate(),
         },
     }
+    distributed.on_main_process(lambda: _write(output_dir, step, policy, tokenizer, policy_weights, state, cfg),
+                                TrainingError)
+    return final
+
+
+def _write(output_dir: str, step: int, policy, tokenizer, policy_weights: dict, state: dict, cfg) -> None:
+    """save_checkpoint's files, written by one process: checkpoint.tmp/, its marker last, then the swap."""
+    final = os.path.join(output_dir, CHECKPOINT_DIR)
+    tmp = final + ".tmp"
     bad = nonfinite_tensors({"policy": policy_weights, **state})
     if bad:
         raise TrainingError(f"step {step}: not saving a checkpoint with {len(bad)} non-finite tensors (first: {bad[0]}); "
@@ -149,7 +156,6 @@ def save_checkpoint(output_dir: str, step: int, policy, tokenizer, reward_model,
         raise TrainingError(f"step {step}: could not write {tmp}: {type(e).__name__}: {str(e).splitlines()[0]}; "
                             f"the last complete checkpoint is untouched") from e
     _swap_in(tmp, final, step)
-    return final
 
 
 def _swap_in(src: str, final: str, step: int) -> None:
@@ -167,15 +173,17 @@ def _swap_in(src: str, final: str, step: int) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, schedulers: dict, cfg: R2MConfig) -> int:
+def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, schedulers: dict, cfg,
+                    fitted_before_rl: str = "") -> int:
     """Restore the newest complete checkpoint; returns the next step to run. A save that a crash interrupted is
-    finished first (the newest complete folder becomes checkpoint/), so the next save starts from a clean layout."""
+    finished first (the newest complete folder becomes checkpoint/), so the next save starts from a clean layout.
+    fitted_before_rl: what the run's reward mode fitted before RL, if anything (for the notes, see resume_notes)."""
     path, final = find_checkpoint(output_dir), os.path.join(output_dir, CHECKPOINT_DIR)
-    if path != final:
-        tqdm.write(f"note: {path} is the newest complete checkpoint (a save was interrupted); it becomes {final}")
-        _swap_in(path, final, -1)
-    for note in resume_notes(_marker(final)["config"], cfg):
-        tqdm.write(f"note: {note}")
+    if path != final:  # --- distributed: rank 0 repairs the layout; the others wait, then read the repaired one ---
+        distributed.on_main_process(lambda: _repair(path, final), TrainingError)
+    distributed.barrier()
+    for note in resume_notes(_marker(final)["config"], cfg, fitted_before_rl):
+        distributed.print0(f"note: {note}")
     # mmap: every rank reads the small entries; the policy's optimiser state is only read on rank 0
     state = torch.load(os.path.join(final, "state.pt"), map_location="cpu", weights_only=False, mmap=True)
     if hasattr(policy, "peft_config") or os.path.isdir(os.path.join(final, "adapter")):  # LoRA (lora.py)
@@ -183,8 +191,10 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
 
         lora.load_adapter(policy, final)
         weights = policy.state_dict()  # the adapter is in; what follows restores the optimiser state
-    else:
+    elif distributed.is_main_process():
         weights = type(policy).from_pretrained(os.path.join(final, "policy"), dtype=torch.float32).state_dict()
+    else:  # --- distributed: only rank 0's copy is broadcast, so the others do not load the full policy ---
+        weights = {}
     # --- distributed: full weights and optimiser state into a plain or sharded policy, any number of ranks ---
     distributed.load_policy_state(policy, optimizers.get("policy"), weights, state["optimizers"].get("policy"))
     del weights
@@ -201,9 +211,15 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
             group["initial_lr"], group["lr"] = lr, lr * s.lr_lambdas[0](s.last_epoch)
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cuda = state["rng"]["cuda"]  # this process's device (a list of every device's in checkpoints before that)
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
     random.setstate(state["rng"]["python"])
     return state["step"] + 1
+
+
+def _repair(path: str, final: str) -> None:
+    tqdm.write(f"note: {path} is the newest complete checkpoint (a save was interrupted); it becomes {final}")
+    _swap_in(path, final, -1)
 
 
 def _metric_step(line: str) -> float:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
-
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,8 +41,15 @@ def setup(device: str = "auto") -> tuple[bool, int, int, torch.device]:
     if use_cuda:
         torch.cuda.set_device(local_rank)  # "cuda" (no index) now means this rank's GPU everywhere in r2m.py
     if not dist.is_initialized():
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return True, dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+# Choice: how long a process waits in a collective before the run is declared hung. NCCL's default is 10 minutes,
+# and the other ranks wait at the next collective while rank 0 alone writes a checkpoint: the 8B preset's is
+# ~96 GB (float32 policy + AdamW state), minutes on a fast disk, more on a network one. An hour covers a save;
+# a rank that fails mid-save stops every rank at once (`on_main_process`), so no healthy run waits that long.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -64,7 +71,7 @@ def print0(*args, **kwargs) -> None:
         tqdm.write(" ".join(str(a) for a in args), **kwargs)
 
 
-def per_rank_config(cfg, world_size: int, train_body: bool = False):
+def per_rank_config(cfg, world_size: int, train_body: bool = False, pretrain: bool = False):
     """This rank's share of a step: n/N prompts, policy minibatches of size/N trajectories and GREBT
     minibatches of groups/N, so every optimiser step still sees the same number of trajectories in total
     and the number of optimiser steps per RL step is the one of a single process.
@@ -78,7 +85,7 @@ def per_rank_config(cfg, world_size: int, train_body: bool = False):
         (cfg.queries_per_step, "--queries_per_step"),
         (cfg.policy_minibatch_size, "--policy_minibatch_size"),
         (cfg.rm_minibatch_groups, "--rm_minibatch_groups"),
-    ]
+    ] + ([(cfg.pretrain_rm_batch_size, "--pretrain_rm_batch_size")] if pretrain else [])
     for value, flag in checks:
         if value % world_size:
             raise ValueError(f"{flag} {value} must be divisible by the number of processes ({world_size})")
@@ -98,36 +105,58 @@ def per_rank_config(cfg, world_size: int, train_body: bool = False):
     )
 
 
-def shard_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, device: torch.device,
+def place_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, device: torch.device,
                  bf16_compute: bool) -> None:
-    """FSDP2 over all ranks (no-op on one process): each decoder layer is its own unit (one all-gather per
-    layer in a forward), then the rest of the model as the root unit. The RM is sharded at its body
-    (`reward_model.reward_model.base_model`), which is what the loop calls; the trainable heads stay
-    replicated and are broadcast from rank 0 so every rank starts from the same weights.
+    """Put the three models on `device`. On one process: moved whole. Under torchrun: FSDP2 over all ranks,
+    each decoder layer its own unit (one all-gather per layer in a forward), then the rest of the model as the
+    root unit. The RM is sharded at its body (`reward_model.reward_model.base_model`), which is what the loop
+    calls; the trainable heads stay replicated and are broadcast from rank 0 so every rank starts from the same
+    weights. A LoRA policy's reference (the same module, adapter off) owns no weights and is not sharded apart.
 
-    Called on the models as loaded (in host memory): `fully_shard` moves one unit at a time to `device` and
-    keeps only this rank's shard there, so no GPU ever holds a whole model."""
+    Called on the models as loaded (in host memory, dtypes already set): `fully_shard` moves one unit at a time
+    to `device` and keeps only this rank's shard there, so no GPU ever holds a whole model."""
     if not dist.is_initialized():
+        for model in (policy, ref_policy, reward_model):
+            model.to(device)
         return
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
 
-    def shard(model: nn.Module, layer_names: set[str], **kwargs) -> None:
+    def shard(model: nn.Module, layer_names: set[str]) -> None:
+        # float32 weights (what trains: the policy; the Pretrained RM's body) get bf16 all-gathers and compute and
+        # float32 gradient reduction; frozen bf16 ones are gathered as they are stored
+        float32 = any(p.dtype == torch.float32 for p in model.parameters())
+        kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} \
+            if (bf16_compute and float32) else {}
         for module in model.modules():
             if type(module).__name__ in layer_names:
                 fully_shard(module, mesh=mesh, **kwargs)
         fully_shard(model, mesh=mesh, **kwargs)
 
-    # bf16 all-gathers and compute, float32 master weights and float32 gradient reduction
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute else None
-    shard(policy, set(policy._no_split_modules or ()), **({"mp_policy": mp} if mp else {}))
-    shard(ref_policy, set(ref_policy._no_split_modules or ()))
+    shard(policy, set(policy._no_split_modules or ()))
+    if any(True for _ in ref_policy.parameters()):
+        shard(ref_policy, set(ref_policy._no_split_modules or ()))
     rm = reward_model.reward_model
     shard(rm.base_model, set(rm._no_split_modules or ()))
+    reward_model.to(device)  # the heads (the sharded body stays as it is)
+    broadcast_parameters(replicated_parameters(reward_model))
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True for an FSDP2-sharded module (its parameters are DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def broadcast_parameters(parameters) -> None:
+    """Make replicated parameters equal to rank 0's (no-op on one process)."""
+    if not dist.is_initialized():
+        return
     with torch.no_grad():
-        for p in replicated_parameters(reward_model):
+        for p in parameters:
             dist.broadcast(p.data, src=0)
 
 
@@ -135,6 +164,38 @@ def replicated_parameters(reward_model: nn.Module) -> list[nn.Parameter]:
     """The reward model's own heads: every parameter outside the frozen RM it wraps."""
     body = {id(p) for p in reward_model.reward_model.parameters()}
     return [p for p in reward_model.parameters() if id(p) not in body]
+
+
+def sum_over_ranks(x: float) -> float:
+    """A number summed over ranks (the number itself on one process)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ for parameters that may mix FSDP shards (DTensors: a sharded RM body) with
+    replicated tensors (its head): one global norm over all of them, the same number as on one process."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if not dist.is_initialized():
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    from torch.distributed.tensor import DTensor
+
+    groups = ([p.grad for p in parameters if isinstance(p.grad, DTensor)],
+              [p.grad for p in parameters if not isinstance(p.grad, DTensor)])
+    squares = 0.0
+    for grads in groups:
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            squares += float(norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
+    total = squares**0.5
+    if total > max_norm:
+        for grads in groups:
+            for g in grads:
+                g.mul_(max_norm / (total + 1e-6))
+    return total
 
 
 def average_gradients(parameters) -> None:
@@ -200,6 +261,55 @@ def decorrelate_rng() -> None:
         torch.manual_seed(int(torch.randint(0, 2**62, ())) + dist.get_rank())
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op on one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def on_main_process(fn: Callable[[], object], error: type = RuntimeError) -> None:
+    """Run fn on rank 0 alone, and let every rank know how it went: if it raises, rank 0 raises it and every other
+    rank raises `error` with its message, so no rank is left waiting in a collective for one that stopped (a
+    failed checkpoint write, a full disk). On one process: fn()."""
+    if not dist.is_initialized():
+        fn()
+        return
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - whatever stops rank 0 stops the run
+            failure = e
+    message = [None if failure is None else (str(failure).strip().splitlines() or [type(failure).__name__])[0]]
+    dist.broadcast_object_list(message, src=0)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise error(f"rank 0 stopped the run: {message[0]}")
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """A module's full (unsharded) weights in host memory: under FSDP a collective (every rank must call it) whose
+    tensors only rank 0 receives; on one process the module's own state dict, on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(module: nn.Module, state: dict) -> None:
+    """Load what `full_state_dict` returned into a plain or a sharded module; under FSDP only rank 0's copy is
+    read (and broadcast), each rank keeping its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not dist.is_initialized():
+        module.load_state_dict(state)
+        return
+    set_model_state_dict(module, state if dist.get_rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 def policy_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Full (unsharded) policy weights and its optimiser state keyed by parameter name. Under FSDP
     this is a collective (every rank must call it) and only rank 0 receives the tensors. The same format on
@@ -214,7 +324,8 @@ def policy_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
 def load_policy_state(policy: nn.Module, optimizer: Optional[torch.optim.Optimizer], weights: dict,
                       optimizer_state: Optional[dict]) -> None:
     """Load what `policy_state` returned into a plain or a sharded policy (and its optimiser, when given).
-    Under FSDP rank 0's copy is broadcast and each rank keeps its own shard."""
+    Under FSDP only rank 0's copy is read (the others may pass empty dicts): it is broadcast and each rank keeps
+    its own shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
@@ -223,8 +334,10 @@ def load_policy_state(policy: nn.Module, optimizer: Optional[torch.optim.Optimiz
         set_optimizer_state_dict(policy, optimizer, optimizer_state, options=options)
 
 
-def teardown() -> None:
-    """Leave the process group once training is over (no-op on one process)."""
+def teardown(wait: bool = True) -> None:
+    """Leave the process group once training is over (no-op on one process). wait=False on an error: a rank that
+    stops must not wait at a barrier for ranks that may be stuck elsewhere (torchrun ends them when it exits)."""
     if dist.is_initialized():
-        dist.barrier()  # rank 0 may still be writing the last checkpoint
+        if wait:
+            dist.barrier()  # rank 0 may still be writing the last checkpoint
         dist.destroy_process_group()

@@ -40,6 +40,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+import devices
 import r2m
 import runner
 from api_client import ChatClient, JudgeFailed, api_key
@@ -576,7 +577,7 @@ def load_eval_rows(args: EvalArgs) -> list[dict]:
 
 def run_judge(args: EvalArgs) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
-    device = r2m.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     template = TLDR_JUDGE_PROMPT if args.task == "tldr" else DIALOGUE_JUDGE_PROMPT
     references = read_references(args.references) if args.references else None
     # 1. responses: generated now, or read — and checked, before any judge is built or called
@@ -726,7 +727,7 @@ def run_mt_bench(args: EvalArgs) -> dict:
         raise SystemExit(f"error: --task mt_bench is graded by --judge api (or generate only: --judge none), got {args.judge!r}")
     questions = load_mt_bench_questions(args.dataset, args.limit)
     os.makedirs(args.output_dir, exist_ok=True)
-    answers = mt_bench_answers(args, questions, r2m.resolve_device(args.device))
+    answers = mt_bench_answers(args, questions, devices.resolve_device(args.device))
     if args.judge == "none":
         return {"task": "mt_bench", "judge": None, "questions": len(questions), "failed": 0}
     # Choice: 1024 tokens for the grader's explanation and rating (the pairwise judge's 256 cut some off).
@@ -766,7 +767,7 @@ def run_rm_accuracy(args: EvalArgs) -> dict:
     if not args.preference_file:
         raise SystemExit("error: --mode rm_accuracy needs --preference_file (prompt, chosen, rejected)")
     rows = runner.load_rows(args.preference_file, args.dataset_split or "train", ["prompt", "chosen", "rejected"])[: args.limit]
-    device = r2m.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     scorer = RewardScorer(args, device)
     pp = policy_prompt_fn(args.task, scorer.policy_tokenizer, args.max_prompt_tokens) if scorer.policy is not None else None
     correct = {"vanilla": 0, "r2m": 0}

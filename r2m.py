@@ -58,7 +58,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
+import devices  # where tensors live and in what precision: device, bf16, host memory for hidden states
 import distributed  # --- distributed: FSDP2 / torchrun helpers, each a no-op on one process ---
+from devices import HostRows, Runtime
 from checkpoints import (  # checkpoint files and resuming: plumbing of the loop, kept out of the algorithm's way
     CHECKPOINT_DIR,
     TrainingError,
@@ -160,8 +162,11 @@ class R2MConfig:
         default=32, metadata={"help": "Sequences per no-grad forward (old/ref log-probs, RM scoring)."}
     )
     micro_batch_size: int = field(default=8, metadata={"help": "Sequences per policy forward/backward."})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast + bf16 frozen models on GPU (ignored on CPU)."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute policy activations in backward."})
+    bf16: Optional[bool] = field(default=None, metadata={
+        "help": "bf16 frozen models (reference, RM body) and bf16 autocast for what trains, float32 master weights; "
+                "the same on CPU and GPU. Default: on for CUDA, off for CPU."})
+    gradient_checkpointing: Optional[bool] = field(default=None, metadata={
+        "help": "Recompute the policy's activations in backward. Default: on for CUDA, off for CPU."})
     device: str = field(default="auto", metadata={"help": "'auto' (cuda if available), 'cuda', or 'cpu'."})
     # --- bookkeeping ---------------------------------------------------------------------------------
     seed: int = field(default=0, metadata={"help": "Seed for prompts order, sampling and init."})
@@ -434,13 +439,13 @@ class GenerationStateCapture(HiddenStateCapture):
     it never runs a forward on). With a KV cache the prefill sees positions 0..P-1 and each decoding step one
     more position, and transformers then hands the LM head only the last position (`logits_to_keep`), so the
     hook sits on the backbone's output (its `last_hidden_state`, after the final norm: the LM head's input)
-    and concatenates the pieces -> `hidden` (N, P + R - 1, D_p), the positions whose outputs predicted a
-    token, as `HiddenStateCapture` gives with [:, :-1]."""
+    and concatenates each generate() call's pieces into its rows of `hidden`, a `HostRows` (N, P + R - 1, D_p):
+    the positions whose outputs predicted a token, as `HiddenStateCapture` gives with [:, :-1]."""
 
-    def __init__(self, policy: nn.Module):
+    def __init__(self, policy: nn.Module, hidden: HostRows):
         super().__init__(policy)
+        self.hidden = hidden
         self._pieces: list[torch.Tensor] = []
-        self._batches: list[torch.Tensor] = []
 
     def _hook(self, module, inputs, output):
         self._pieces.append(output[0].detach())  # (b, s, D_p): s = P at prefill, then 1 per decoding step
@@ -449,12 +454,13 @@ class GenerationStateCapture(HiddenStateCapture):
         self._handle = self.policy.base_model.register_forward_hook(self._hook)
         return self
 
-    def end_batch(self, length: int) -> None:
-        """Close one generate() call: (b, P + R' - 1, D_p), zero-padded to `length` when it stopped early."""
+    def end_batch(self, rows: torch.Tensor) -> None:
+        """Close one generate() call whose sequences are rows `rows` (b,) of `hidden`: its states (b, P + R' - 1,
+        D_p), zero-padded to the rows' length when generation stopped early."""
+        length = self.hidden.row_shape[0]
         states = torch.cat(self._pieces, dim=1)[:, :length]
         self._pieces = []
-        self._batches.append(F.pad(states, (0, 0, 0, length - states.shape[1])).cpu())
-        self.hidden = torch.cat(self._batches)  # (N, length, D_p)
+        self.hidden.scatter(rows, F.pad(states, (0, 0, 0, length - states.shape[1])))
 
 
 class PolicyFeedbackAttention(nn.Module):
@@ -584,16 +590,28 @@ class R2MRewardModel(FrozenRewardBody):
     save_body = False  # set when the body itself was trained (the Pretrained RM baseline)
 
     def trainable_state_dict(self) -> dict:
+        """What a checkpoint keeps of the reward model. With a trained body (whole-RM / Pretrained-RM baselines) it
+        includes the body's full weights: under torchrun a collective, so every process calls this."""
         state = {"policy_feedback": self.policy_feedback.state_dict(), "score_head": self.score_head.state_dict()}
         if self.save_body or any(p.requires_grad for p in self.reward_model.base_model.parameters()):
-            state["body"] = self.reward_model.base_model.state_dict()  # whole-RM / pretrained-RM baselines only
+            # --- distributed: a sharded body is gathered whole (onto rank 0's host memory) ---
+            state["body"] = distributed.full_state_dict(self.reward_model.base_model)
         return state
 
     def load_trainable_state_dict(self, state: dict) -> None:
         self.policy_feedback.load_state_dict(state["policy_feedback"])
         self.score_head.load_state_dict(state["score_head"])
         if "body" in state:
-            self.reward_model.base_model.load_state_dict(state["body"])
+            self.save_body = True  # a resumed Pretrained-RM run keeps its fine-tuned body in later checkpoints
+            # --- distributed: rank 0's full copy, each process keeping its own shard ---
+            distributed.load_full_state_dict(self.reward_model.base_model, state["body"])
+
+    def fit_before_rl(self, chosen: tuple[torch.Tensor, torch.Tensor], rejected: tuple[torch.Tensor, torch.Tensor],
+                      cfg: "R2MConfig", rt: Runtime) -> str:
+        """The Pretrained-RM baseline's fine-tuning on preference pairs (`pretrain_reward_model`); one line to print."""
+        before, after = pretrain_reward_model(self, chosen, rejected, cfg, rt)
+        return (f"Pretrained RM: BT fine-tuning of the whole RM on {len(chosen[0])} pairs, {cfg.pretrain_rm_epochs} "
+                f"epoch(s) at lr {cfg.pretrain_rm_lr:g}: pair accuracy {before:.3f} -> {after:.3f}")
 
     def reward_parts(
         self, rte: torch.Tensor, h: Optional[torch.Tensor] = None, h_mask: Optional[torch.Tensor] = None,
@@ -624,45 +642,71 @@ class R2MRewardModel(FrozenRewardBody):
 
 def pretrain_reward_model(
     reward_model: R2MRewardModel, chosen: tuple[torch.Tensor, torch.Tensor], rejected: tuple[torch.Tensor, torch.Tensor],
-    cfg: R2MConfig, rt: "Runtime",
+    cfg: R2MConfig, rt: Runtime,
 ) -> tuple[float, float]:
     """The "Pretrained RM" baseline (paper §5, App. G.5): before RL, fine-tune the whole RM (body and score
     head φ) with the Bradley-Terry loss (Eq. 5) on preference pairs of the prompts the policy trains on;
     RL then runs with it frozen (reward mode `pretrained_rm`, no policy feedback).
-    chosen, rejected: (ids (M, S), mask (M, S)) the RM's view of each pair's two responses.
+    chosen, rejected: (ids (M, S), mask (M, S)) the RM's view of each pair's two responses, right-padded.
     Returns the RM's accuracy on these pairs (r_chosen > r_rejected) before and after.
     Choice: AdamW without weight decay at --pretrain_rm_lr (App. G.5: 1e-6), --pretrain_rm_epochs passes in
-    shuffled minibatches, float32 master weights under the run's autocast, gradient-norm clip as the loop's."""
-    body = reward_model.reward_model
-    body.to(rt.device, torch.float32).requires_grad_(True)
-    reward_model.score_head.to(rt.device)
-    params = list(body.base_model.parameters()) + list(reward_model.score_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.pretrain_rm_lr, weight_decay=0.0)
-    M, g = chosen[0].shape[0], torch.Generator().manual_seed(cfg.seed)
+    shuffled minibatches of exactly --pretrain_rm_batch_size pairs (the few left over by an epoch's shuffle wait
+    for the next one, so N processes can split every minibatch evenly), float32 master weights under the run's
+    autocast, gradient-norm clip as the loop's."""
+    body = reward_model.reward_model.base_model
+    # --- distributed: under torchrun the body is FSDP-sharded (float32 shards, bf16 compute with --bf16) and each
+    # process takes its share of every minibatch; on one process it is moved whole and fine-tuned in float32 ---
+    rank, world_size = distributed.rank_and_world_size()
+    sharded = distributed.is_sharded(body)
+    if not sharded:
+        reward_model.to(rt.device)
+        devices.cast_parameters(reward_model.reward_model, torch.float32)
+    M, B = chosen[0].shape[0], cfg.pretrain_rm_batch_size
+    if M < B:
+        raise TrainingError(f"the preference file holds {M} pairs, fewer than --pretrain_rm_batch_size {B}")
+    body.train().requires_grad_(True)  # dropout was switched off at start-up; train mode only for what the model does
+    if rt.gradient_checkpointing:  # activations of the RM's forward/backward recomputed in backward, as the policy's
+        devices.checkpoint_activations(reward_model.reward_model)
+    params = list(body.parameters()) + list(reward_model.score_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.pretrain_rm_lr, weight_decay=0.0, fused=rt.device.type == "cuda")
 
-    def rewards(pair: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, grad: bool) -> torch.Tensor:  # (b,)
-        ids, mask = pair[0][rows].to(rt.device), pair[1][rows].to(rt.device)
+    def rewards(pair: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:  # (b,)
+        L = int(pair[1][rows].sum(1).max())  # right-padded: the batch is cut to its own longest row
+        ids, mask = pair[0][rows, :L].to(rt.device), pair[1][rows, :L].to(rt.device)
         with rt.autocast():
-            return reward_model.rewards_from_embedding(reward_model.reward_token_embedding(ids, mask, grad=grad))
+            return reward_model.rewards_from_embedding(reward_model.reward_token_embedding(ids, mask, grad=True))
 
     @torch.no_grad()
     def accuracy() -> float:
-        wins = [rewards(chosen, rows, False) > rewards(rejected, rows, False)
-                for rows in torch.arange(M).split(cfg.forward_batch_size)]
-        return torch.cat(wins).float().mean().item()
+        share = M // world_size  # every process scores as many pairs (under FSDP: as many forwards)
+        mine = torch.arange(rank * share, (rank + 1) * share)
+        wins = sum(int((rewards(chosen, rows) > rewards(rejected, rows)).sum()) for rows in mine.split(cfg.forward_batch_size))
+        return distributed.sum_over_ranks(wins) / (share * world_size)
 
     before = accuracy()
-    body.train()  # dropout was switched off by the caller; train mode only for what the model does in it
+    g = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.pretrain_rm_epochs):
-        for rows in torch.randperm(M, generator=g).split(cfg.pretrain_rm_batch_size):
-            loss = bradley_terry_loss(rewards(chosen, rows, True), rewards(rejected, rows, True))  # Eq. 5
+        order = torch.randperm(M, generator=g)
+        for k in range(M // B):
+            rows = order[k * B : (k + 1) * B].chunk(world_size)[rank]  # this process's share of the minibatch
+            loss = bradley_terry_loss(rewards(chosen, rows), rewards(rejected, rows))  # Eq. 5
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            distributed.average_gradients(reward_model.score_head.parameters())  # --- distributed: replicated head ---
+            distributed.clip_grad_norm(params, cfg.max_grad_norm)
             optimizer.step()
+    # Choice: the optimiser and every gradient go before RL starts: kept, they would sit in GPU memory through the
+    # whole run (an RM's worth of float32 gradients, 10.4 GiB at 2.8B).
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
     body.eval().requires_grad_(False)
+    if rt.gradient_checkpointing:
+        devices.checkpoint_activations(reward_model.reward_model, enabled=False)
+    after = accuracy()
+    if not sharded:  # stored like the other frozen models from now on (a sharded one computes in bf16 anyway)
+        devices.cast_parameters(reward_model.reward_model, rt.frozen_dtype)
     reward_model.save_body = True  # the fine-tuned body is part of this run's state: checkpoints keep it
-    return before, accuracy()
+    return before, after
 
 
 @dataclass(frozen=True)
@@ -718,8 +762,8 @@ class Rollout:
     response_mask: torch.Tensor  # (N, R) 1 on response tokens up to and including EOS
     old_logprobs: torch.Tensor  # (N, R) log π_old of the sampled tokens (temperature-scaled)
     ref_logprobs: torch.Tensor  # (N, R) log π_ref of the same tokens
-    hidden: Optional[torch.Tensor]  # (N, P + R - 1, D_p) policy last-layer states on `hidden_device`; None
-    # when the reward mode uses no policy feedback
+    hidden: Optional[HostRows]  # (N, P + R - 1, D_p) policy last-layer states, in host memory (`devices.HostRows`);
+    # None when the reward mode uses no policy feedback
     hidden_mask: torch.Tensor  # (N, P + R - 1) bool, positions whose output predicts a real next token
     rm_input_ids: torch.Tensor  # (N, S_rm) the RM's view of prompt + response, right-padded
     rm_attention_mask: torch.Tensor  # (N, S_rm)
@@ -820,53 +864,6 @@ def policy_hidden_states(policy: nn.Module, input_ids: torch.Tensor, attention_m
     return cap.hidden[:, :-1], hidden_state_mask(attention_mask)
 
 
-@dataclass
-class Runtime:
-    """Where things run. Built once in `train` from the config."""
-
-    device: torch.device
-    autocast_dtype: Optional[torch.dtype]  # bf16 on GPU, None on CPU
-    hidden_device: torch.device  # where a step's hidden states live between phases
-    hidden_dtype: torch.dtype
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        # Choice: no autocast weight cache. With it, every forward keeps a bf16 copy of all the policy's float32
-        # weights until the autocast region ends (5.8 GiB for a 3B policy, 15 GiB for an 8B one); without it each
-        # weight is cast when used and the copy freed with its layer (gradient checkpointing recasts in backward).
-        # Same numbers; casting costs a read of the weights per forward, small beside the matmuls.
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; any other name as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def make_runtime(cfg: R2MConfig) -> Runtime:
-    device = resolve_device(cfg.device)
-    on_gpu = device.type == "cuda"
-    # Choice: where hidden states live. A TL;DR step holds 8192 sequences x ~560 positions x 2560 features, ~24 GB in
-    # bf16, which does not fit next to three 2.8B models and the policy's optimiser. They stay in host memory
-    # (pinned, so copies to the GPU are asynchronous) and move to the GPU one micro-batch at a time.
-    return Runtime(
-        device=device,
-        autocast_dtype=torch.bfloat16 if (on_gpu and cfg.bf16) else None,
-        hidden_device=torch.device("cpu"),
-        hidden_dtype=torch.bfloat16 if (on_gpu and cfg.bf16) else torch.float32,
-    )
-
-
-def _to_host(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    x = x.to(rt.hidden_dtype)
-    if rt.device.type == "cuda":
-        return x.to("cpu", non_blocking=False).pin_memory()
-    return x.to(rt.hidden_device)
-
-
 @contextlib.contextmanager
 def own_generation_config(model: nn.Module):
     """Generate with only the settings we pass. transformers fills every generation field we leave unset
@@ -901,30 +898,6 @@ def make_rm_view(rm_tokenizer, render: Optional[Callable[[str, str], str]] = Non
     return rm_view
 
 
-@contextlib.contextmanager
-def generation_weights(policy: nn.Module, dtype: Optional[torch.dtype]):
-    """Swap the policy's float32 master weights for a `dtype` copy while it generates, then put them back.
-
-    Choice: on GPU the policy generates from bf16 weights. Under autocast alone its float32 residual stream
-    makes the KV cache float32 (twice the bytes), and autocast keeps its own bf16 copy of every weight for the
-    whole generate() call anyway. Swapping in a bf16 copy for generation only (about the same bytes as
-    autocast's copy, freed afterwards) halves the KV cache. A second bf16 model kept for generation and
-    refreshed after each update would cost those bytes in every phase, not just this one. Sampling is
-    unchanged in what it draws from (temperature softmax of the policy's logits), up to bf16 rounding that
-    the old log-probs, recomputed below with the float32 masters, do not share (as with any KV-cache decode)."""
-    if dtype is None:
-        yield
-        return
-    masters = [(p, p.data) for p in policy.parameters()]
-    for p, master in masters:
-        p.data = master.to(dtype)
-    try:
-        yield
-    finally:
-        for p, master in masters:
-            p.data = master
-
-
 def generate_responses(
     policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, tokenizer, cfg: R2MConfig, rt: Runtime,
     greedy: bool = False, capture: Optional[GenerationStateCapture] = None,
@@ -945,14 +918,14 @@ def generate_responses(
         ids = query_ids[s : s + cfg.generation_batch_size].to(rt.device)
         mask = query_mask[s : s + cfg.generation_batch_size].to(rt.device)
         # --- distributed: gather a sharded policy once per generate() call, not once per token ---
-        with rt.autocast(), distributed.gathered_for_generation(policy), generation_weights(policy, rt.autocast_dtype), \
+        with rt.autocast(), distributed.gathered_for_generation(policy), devices.generation_weights(policy, rt.autocast_dtype), \
                 own_generation_config(policy), (capture or contextlib.nullcontext()):
             out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
         resp = out[:, P:]  # (b, R') with R' <= R: generation stops once every row has hit EOS
         resp = F.pad(resp, (0, R - resp.shape[1]), value=pad_id)  # (b, R)
         responses.append(resp.cpu())
         if capture is not None:
-            capture.end_batch(P + R - 1)
+            capture.end_batch(torch.arange(s, s + len(ids)))
     return truncate_after_eos(torch.cat(responses), eos_id, pad_id)  # (N, R) each
 
 
@@ -968,6 +941,12 @@ def rm_inputs(tokenizer, query_responses: torch.Tensor, attention_mask: torch.Te
         [response_ids[i][response_mask[i].bool()] for i in range(len(response_ids))], skip_special_tokens=True
     )
     return pad_right([rm_view(row_prompt_texts[i], texts[i]) for i in range(len(texts))], rm_pad_id)
+
+
+def host_rows(rows: int, positions: int, policy: nn.Module, rt: Runtime) -> HostRows:
+    """Host memory for `rows` trajectories' hidden states, (positions, D_p) each, in the step's hidden dtype."""
+    d_policy = policy.get_output_embeddings().in_features
+    return HostRows(rows, (positions, d_policy), rt.hidden_dtype, pin=rt.pin_memory)
 
 
 @torch.no_grad()
@@ -997,17 +976,21 @@ def rollout(
     attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (N, P+R)
     contains_eos = (response_ids == tokenizer.eos_token_id).any(dim=1) & (response_mask.sum(1) > 0)
 
-    # Old and reference log-probs. The policy's forward here also yields its hidden states via the hook.
-    old, ref, hidden = [], [], []
+    # Old and reference log-probs. The policy's forward here also yields its hidden states via the hook; they go
+    # to host memory, one row per trajectory (the last position predicts nothing: P+R-1 positions).
+    hidden = host_rows(len(queries), query_responses.shape[1] - 1, policy, rt) if capture_hidden else None
+    old, ref = [], []
     for s in range(0, len(queries), cfg.forward_batch_size):
         qr = query_responses[s : s + cfg.forward_batch_size].to(rt.device)
         am = attention_mask[s : s + cfg.forward_batch_size].to(rt.device)
         with rt.autocast(), HiddenStateCapture(policy, enabled=capture_hidden) as cap:
             old.append(sequence_logprobs(policy, qr, am, P, cfg.temperature).cpu())
         if capture_hidden:
-            hidden.append(_to_host(cap.pop()[:, :-1], rt))  # (b, P+R-1, D_p): the last position predicts nothing
+            hidden.scatter(torch.arange(s, s + len(qr)), cap.pop()[:, :-1])  # (b, P+R-1, D_p)
         with rt.autocast():
             ref.append(sequence_logprobs(ref_policy, qr, am, P, cfg.temperature).cpu())
+    if capture_hidden:
+        hidden.synchronize()
 
     row_texts = [prompt_texts[i // K] for i in range(len(queries))] if prompt_texts is not None else None
     rm_ids, rm_mask = rm_inputs(tokenizer, query_responses, attention_mask, response_ids, response_mask, row_texts,
@@ -1018,7 +1001,7 @@ def rollout(
         response_mask=response_mask,
         old_logprobs=torch.cat(old),
         ref_logprobs=torch.cat(ref),
-        hidden=torch.cat(hidden) if capture_hidden else None,
+        hidden=hidden,
         hidden_mask=hidden_state_mask(attention_mask),
         rm_input_ids=rm_ids,
         rm_attention_mask=rm_mask,
@@ -1038,7 +1021,8 @@ def greedy_baseline(
     h is captured during the greedy generation itself, so no policy forward is added."""
     policy.eval()
     query_ids, query_mask = pad_left(prompts, pad_token_id(tokenizer))  # (n, P)
-    capture = GenerationStateCapture(policy) if mode.feedback else None
+    positions = query_ids.shape[1] + cfg.max_new_tokens - 1
+    capture = GenerationStateCapture(policy, host_rows(len(prompts), positions, policy, rt)) if mode.feedback else None
     response_ids, response_mask = generate_responses(policy, query_ids, query_mask, tokenizer, cfg, rt,
                                                      greedy=True, capture=capture)  # (n, R)
     query_responses = torch.cat([query_ids, response_ids], dim=1)  # (n, P+R)
@@ -1048,7 +1032,7 @@ def greedy_baseline(
     greedy = Rollout(
         query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
         old_logprobs=None, ref_logprobs=None,  # a baseline is scored, never trained on
-        hidden=_to_host(capture.hidden, rt) if capture is not None else None,
+        hidden=capture.hidden if capture is not None else None,
         hidden_mask=hidden_state_mask(attention_mask), rm_input_ids=rm_ids, rm_attention_mask=rm_mask,
         contains_eos=(response_ids == tokenizer.eos_token_id).any(dim=1), prompt_len=query_ids.shape[1],
     )
@@ -1059,7 +1043,7 @@ def _feedback_states(ro: Rollout, idx: torch.Tensor, mode: RewardMode, rt: Runti
     """The h and h_mask the reward model sees for rows `idx`, per the reward mode (None: no feedback)."""
     if not mode.feedback:
         return None, None
-    h = ro.hidden[idx].to(rt.device, non_blocking=True)  # (b, P+R-1, D_p)
+    h = ro.hidden.gather(idx, rt.device)  # (b, P+R-1, D_p)
     h_mask = ro.hidden_mask[idx].to(rt.device)  # (b, P+R-1)
     if mode.noise:
         h = gaussian_like(h.float(), h_mask)
@@ -1088,6 +1072,23 @@ def annotate_rewards(reward_model, ro: Rollout, omega_t: float, mode: RewardMode
     ro.reward_token_embedding = torch.cat(rtes)  # (N, D_rm), stays on the compute device: it is small
     ro.feedback_reward = torch.cat(feedback_parts)  # (N,) (1 - ω)·w·Ĥ, for the diagnostics
     return torch.cat(rewards)
+
+
+@torch.no_grad()
+def reward_token_embeddings(reward_model, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, rt: Runtime) -> torch.Tensor:
+    """Right-padded RM inputs (M, S) -> H_last (M, D_rm) in float32 on the device, `batch_size` rows at a time, each
+    batch cut to its own longest row (preference pairs for the fits before RL)."""
+    # --- distributed: each process embeds an equal share (the last row repeated to fill it) and all get every row ---
+    rank, world_size = distributed.rank_and_world_size()
+    M = ids.shape[0]
+    share = -(-M // world_size)
+    rows_here = torch.arange(rank * share, (rank + 1) * share).clamp_max(M - 1)
+    out = []
+    for rows in rows_here.split(batch_size):
+        L = int(mask[rows].sum(1).max())
+        with rt.autocast():
+            out.append(reward_model.reward_token_embedding(ids[rows, :L].to(rt.device), mask[rows, :L].to(rt.device)).float())
+    return distributed.gather_rows(torch.cat(out))[:M]
 
 
 @dataclass(frozen=True)
@@ -1167,7 +1168,7 @@ def policy_update(
                     cfg.beta if ALGOS[cfg.algo].kl_in_loss else 0.0,
                 )
                 if refresh:  # copied out before backward, so the float32 states are not held through it
-                    ro.hidden[micro] = cap.pop()[:, :-1].to(ro.hidden.device, ro.hidden.dtype)
+                    ro.hidden.scatter(micro, cap.pop()[:, :-1])
                 (loss / accumulation).backward()  # every micro-batch has the same size: exact mean
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v
@@ -1179,6 +1180,8 @@ def policy_update(
     # Choice: free the gradients after the step's last update. Kept, they would sit on the GPU (as large as the
     # policy's float32 weights) through the next step's generation, annotation and RM update for nothing.
     optimizer.zero_grad(set_to_none=True)
+    if ro.hidden is not None:
+        ro.hidden.synchronize()
     return {k: v / n_updates for k, v in stats.items()}
 
 
@@ -1205,29 +1208,37 @@ def reward_model_update(
     batches = 0
     for _ in range(cfg.rm_epochs):
         for groups in torch.randperm(n).split(cfg.rm_minibatch_groups):
-            idx = (groups[:, None] * K + torch.arange(K)[None, :]).reshape(-1)  # (g*K,) rows of these groups
-            h, h_mask = _feedback_states(ro, idx, mode, rt)
-            with rt.autocast():
-                if mode.train_body:  # whole-RM baseline: H_last changes with the body, recompute it with gradients
-                    rte = reward_model.reward_token_embedding(
-                        ro.rm_input_ids[idx].to(rt.device), ro.rm_attention_mask[idx].to(rt.device), grad=True
-                    )
-                else:  # R2M: the body is frozen, so the H_last cached at annotation is exact
-                    rte = ro.reward_token_embedding[idx.to(ro.reward_token_embedding.device)]
-                new = reward_model.rewards_from_embedding(rte, h, h_mask, omega_t).view(len(groups), K)  # (g, K)
-            pair_rewards = annotated[groups].to(new.device) if use_annotated else new.detach()  # (g, K)
-            loss = grebt_loss(new, pair_rewards, cfg.alpha)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # Choice: when the RM body trains too (the whole-RM cost baseline) the minibatch's groups go through the
+            # RM in micro-batches of whole groups (about --micro_batch_size sequences), gradients accumulated: the
+            # same update, without the activations of rm_minibatch_groups x K full RM passes at once (94 GB at
+            # the TL;DR defaults). R2M itself needs no RM forward here, so its minibatch is one piece.
+            per_part = max(1, cfg.micro_batch_size // K) if mode.train_body else len(groups)
+            for part in groups.split(per_part):
+                idx = (part[:, None] * K + torch.arange(K)[None, :]).reshape(-1)  # (g*K,) rows of these groups
+                h, h_mask = _feedback_states(ro, idx, mode, rt)
+                with rt.autocast():
+                    if mode.train_body:  # whole-RM baseline: H_last changes with the body, recompute it with gradients
+                        rte = reward_model.reward_token_embedding(
+                            ro.rm_input_ids[idx].to(rt.device), ro.rm_attention_mask[idx].to(rt.device), grad=True
+                        )
+                    else:  # R2M: the body is frozen, so the H_last cached at annotation is exact
+                        rte = ro.reward_token_embedding[idx.to(ro.reward_token_embedding.device)]
+                    new = reward_model.rewards_from_embedding(rte, h, h_mask, omega_t).view(len(part), K)  # (g, K)
+                pair_rewards = annotated[part].to(new.device) if use_annotated else new.detach()  # (g, K)
+                weight = len(part) / len(groups)  # Eq. 7 averages over groups: the parts' means, weighted
+                loss = grebt_loss(new, pair_rewards, cfg.alpha) * weight
+                loss.backward()
+                with torch.no_grad():
+                    w, l = grebt_pair(pair_rewards)
+                    totals["rm/bt"] += weight * bradley_terry_loss(new.gather(1, w).squeeze(1), new.gather(1, l).squeeze(1)).item()
+                    totals["rm/gre"] += weight * group_reward_entropy(new).item()
+                    totals["rm/grebt"] += loss.item()
             distributed.average_gradients(reward_model.parameters())  # --- distributed: replicated head, mean over ranks ---
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
             optimizer.step()
-            with torch.no_grad():
-                w, l = grebt_pair(pair_rewards)
-                totals["rm/bt"] += bradley_terry_loss(new.gather(1, w).squeeze(1), new.gather(1, l).squeeze(1)).item()
-                totals["rm/gre"] += group_reward_entropy(new).item()
-                totals["rm/grebt"] += loss.item()
             batches += 1
+    optimizer.zero_grad(set_to_none=True)  # as the policy's: no gradients kept until the next step (the whole RM's: GBs)
     return {k: v / batches for k, v in totals.items()}
 
 
@@ -1260,26 +1271,28 @@ def disable_dropout(model: nn.Module) -> None:
                     zero_dropout_floats(config)
 
 
-def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, cfg: R2MConfig, rt: Runtime) -> None:
-    """Place and freeze the three models.
+def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, rt: Runtime,
+                   fine_tune_body: bool = False) -> None:
+    """Dropout off, dtypes, what trains: done where the models were loaded, before they are placed on the device
+    (moved whole, or FSDP-sharded across processes).
 
-    Choice: the policy and the trainable reward-model parts are float32 master weights under bf16 autocast
-    on GPU (a 3e-6 or 5e-7 step on a bf16 weight is mostly lost to rounding); the frozen reference policy
-    and RM body are stored in bf16 there. On CPU everything is float32."""
-    frozen_dtype = rt.autocast_dtype or torch.float32
+    Choice: the policy and the trainable reward-model parts are float32 master weights (under bf16 autocast with
+    --bf16: a 3e-6 or 5e-7 step on a bf16 weight is mostly lost to rounding); the frozen reference policy and RM
+    body are stored in bf16 with --bf16, their parameters only (`devices.cast_parameters`: the rotary frequencies
+    stay float32). fine_tune_body: the Pretrained-RM baseline trains the RM body before RL, in float32 until then."""
     for m in (policy, ref_policy, reward_model):
         disable_dropout(m)
-    policy.to(rt.device, torch.float32)
-    for p in policy.parameters():  # LoRA (lora.py): the frozen base weights are stored like the reference's
-        if not p.requires_grad:
-            p.data = p.data.to(frozen_dtype)
-    ref_policy.to(rt.device, frozen_dtype).eval().requires_grad_(False)
-    reward_model.reward_model.to(rt.device, frozen_dtype).eval()
-    for module in reward_model.children():
+    for p in policy.parameters():  # float32 masters; LoRA (lora.py): the frozen base is stored like the reference
+        p.data = p.data.to(torch.float32 if p.requires_grad else rt.frozen_dtype)
+    devices.cast_parameters(ref_policy, rt.frozen_dtype)
+    ref_policy.eval().requires_grad_(False)
+    devices.cast_parameters(reward_model.reward_model, torch.float32 if fine_tune_body else rt.frozen_dtype)
+    reward_model.reward_model.eval()
+    for module in reward_model.children():  # the heads that train (R2M's, BRME's): float32 masters
         if module is not reward_model.reward_model:
-            module.to(rt.device, torch.float32)
-    if cfg.gradient_checkpointing and rt.device.type == "cuda":
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            devices.cast_parameters(module, torch.float32)
+    if rt.gradient_checkpointing:
+        devices.checkpoint_activations(policy)
         policy.config.use_cache = True  # generation still uses the KV cache (checkpointing only in train mode)
 
 
@@ -1334,6 +1347,13 @@ def feedback_diagnostics(reward_model, feedback_init: Optional[list], feedback_r
     }
 
 
+def append_metrics(path: str, record: dict) -> None:
+    """One line of metrics.jsonl. Strict JSON: a non-finite value is written as null."""
+    with open(path, "a") as f:
+        f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()})
+                + "\n")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -1352,6 +1372,7 @@ def train(
     rm_pad_id: int = 0,
     on_step: Optional[Callable[[int, Rollout, torch.Tensor], dict]] = None,
     tracker=None,
+    preferences: Optional[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> list[dict]:
     """Run Algorithm 1 for cfg.total_steps steps; returns the per-step metrics (also in metrics.jsonl).
 
@@ -1362,7 +1383,9 @@ def train(
     on_step(step, rollout, rewards (N,)) -> dict: extra metrics for the step's record (e.g. a gold reward in
     a controlled experiment); called after the step's updates.
     tracker: None, or an experiment tracker (`tracking.py`: TensorBoard / W&B); `tracker.log(record, samples)`
-    gets each step's metrics record and the (prompt, response, reward) samples printed at that step, if any."""
+    gets each step's metrics record and the (prompt, response, reward) samples printed at that step, if any.
+    preferences: (chosen (ids, mask), rejected (ids, mask)), (M, S) each in the RM's view: the pairs that the
+    Pretrained RM (`--reward pretrained_rm`) and BRME (`--reward brme`) are fitted on before RL (not on resume)."""
     cfg.validate()
     if not prompts:
         raise ValueError("no prompts to train on")
@@ -1375,15 +1398,20 @@ def train(
     # --- distributed: under torchrun each rank runs this same loop on n/N of each step's prompts, with
     # minibatches cut to match (`rank_cfg`); on one process rank = 0, world_size = 1 and rank_cfg is cfg ---
     rank, world_size = distributed.rank_and_world_size()
-    rank_cfg = distributed.per_rank_config(cfg, world_size, train_body=mode.train_body)
+    rank_cfg = distributed.per_rank_config(cfg, world_size, train_body=mode.train_body, pretrain=mode.pretrain)
     main_process = distributed.is_main_process()
+    resuming = cfg.resume and has_checkpoint(cfg.output_dir)
+    fit_before_rl = (mode.pretrain or mode.ensemble) and not resuming  # a resumed run has them in its checkpoint
+    if fit_before_rl and preferences is None:
+        raise ValueError(f"--reward {cfg.reward} is fitted on preference pairs before RL: pass preferences")
 
     # --- seeding (sampling differs per rank: seed + rank) -----------------------------------------------
     seed_everything(cfg.seed + rank)
-    rt = make_runtime(cfg)
-    # --- distributed: FSDP2-shard the models across ranks before placing them (no-op on one process) ---
-    distributed.shard_models(policy, ref_policy, reward_model, rt.device, bf16_compute=rt.autocast_dtype is not None)
-    prepare_models(policy, ref_policy, reward_model, cfg, rt)
+    rt = devices.make_runtime(cfg)
+    prepare_models(policy, ref_policy, reward_model, rt, fine_tune_body=mode.pretrain and not resuming)
+    # --- distributed: FSDP2-shard the models across ranks, each keeping its shard on its device; on one process
+    # they move to the device whole ---
+    distributed.place_models(policy, ref_policy, reward_model, rt.device, bf16_compute=rt.autocast_dtype is not None)
 
     # --- optimisers. Choice: AdamW without weight decay, learning rate decaying linearly to 0 over T (or
     # --lr_schedule constant), stepped once per RL step; gradient-norm clip --max_grad_norm (1.0) for the policy
@@ -1395,6 +1423,8 @@ def train(
     optimizers = {"policy": torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr, weight_decay=0.0, fused=fused)}
     if mode.train_body:  # Choice: the cost baseline trains the body in its stored dtype (bf16 on GPU): a lower
         reward_model.reward_model.base_model.requires_grad_(True)  # bound on what updating the whole RM costs
+        if rt.gradient_checkpointing:  # as the policy's: activations recomputed in backward (train mode only)
+            devices.checkpoint_activations(reward_model.reward_model.train())
     if mode.train:
         rm_params = list(reward_model.trainable_parameters(feedback=mode.feedback, body=mode.train_body))
         optimizers["reward_model"] = torch.optim.AdamW(rm_params, lr=cfg.rm_lr, weight_decay=0.0, fused=fused)
@@ -1410,15 +1440,19 @@ def train(
     check_output_dir(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     start = 0
-    if cfg.overwrite:
-        for suffix in ("", ".old", ".tmp"):
-            shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINT_DIR + suffix), ignore_errors=True)
-    if cfg.resume and has_checkpoint(cfg.output_dir):
-        start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers, cfg)
+    if cfg.overwrite:  # --- distributed: rank 0 deletes, the others wait for it ---
+        distributed.on_main_process(lambda: [shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINT_DIR + suffix),
+                                                           ignore_errors=True) for suffix in ("", ".old", ".tmp")],
+                                    TrainingError)
+    if resuming:
+        fitted = "the fitted BRME heads" if mode.ensemble else "the fine-tuned RM" if mode.pretrain else ""
+        start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers, cfg, fitted)
         distributed.decorrelate_rng()  # --- distributed: ranks restored rank 0's generator; one stream each ---
         distributed.print0(f"resumed from {cfg.output_dir}/{CHECKPOINT_DIR} at step {start}/{T}")
     elif cfg.resume:
         distributed.print0(f"--resume: {cfg.output_dir} holds no run yet: starting a new run at step 0")
+    if fit_before_rl:  # the Pretrained RM's fine-tuning, or BRME's heads, before the first step
+        distributed.print0(reward_model.fit_before_rl(*preferences, cfg=cfg, rt=rt))
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if main_process and os.path.exists(metrics_path):
         # A fresh run starts a new curve; a resumed one keeps the steps its checkpoint covers and drops any
@@ -1441,7 +1475,9 @@ def train(
         batch = [prompts[i] for i in chosen]
         batch_texts = [prompt_texts[i] for i in chosen] if prompt_texts is not None else None
 
-        # 1. trajectory sampling (+ old/ref log-probs, + hidden states via the hook)
+        # 1. trajectory sampling (+ old/ref log-probs, + hidden states via the hook). The previous step's rollout
+        # goes first: its hidden states are gigabytes of host memory the new ones would otherwise sit beside.
+        ro = None
         ro = rollout(policy, ref_policy, tokenizer, batch, batch_texts, cfg, rt, rm_view, rm_pad_id, mode.feedback)
         greedy_rewards = None
         if algo.greedy_baseline:  # ReMax: one greedy response per prompt, scored like the samples (n,)
@@ -1501,10 +1537,8 @@ def train(
             g.skipped = 0
         record = distributed.mean_over_ranks(record)  # --- distributed: one record for all ranks, written once ---
         history.append(record)
-        if main_process:
-            with open(metrics_path, "a") as f:  # strict JSON: a non-finite value is written as null
-                f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                                    for k, v in record.items()}) + "\n")
+        # --- distributed: rank 0 writes; should it fail (disk full), every rank stops with it ---
+        distributed.on_main_process(lambda: append_metrics(metrics_path, record), TrainingError)
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record['kl/sequence']:.3f}", omega=f"{omega_t:.2f}")
         distributed.print0(
             f"step {step:4d} | reward {record['reward/mean']:+.4f} | kl {record['kl/sequence']:.4f} | "

@@ -17,9 +17,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 import brme
+import devices
 import distributed
 import lora
 import tracking
@@ -30,13 +30,9 @@ from r2m import (
     R2MConfig,
     R2MRewardModel,
     RMView,
-    disable_dropout,
     make_rm_view,
-    make_runtime,
     pad_right,
     pad_token_id,
-    pretrain_reward_model,
-    resolve_device,
     train,
 )
 
@@ -77,6 +73,9 @@ def check_run_options(options: RunOptions, cfg: R2MConfig) -> None:
         raise SystemExit(f"error: --lora_r must be >= 0 (0 = no LoRA), got {options.lora_r}")
     if cfg.merge_on_save and not options.lora_r:
         raise SystemExit("error: --merge_on_save needs --lora_r > 0 (without LoRA, checkpoint/policy is the full policy)")
+    if options.lora_r and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # checked before anything loads
+        raise SystemExit("error: --lora_r runs on one process only (LoRA is how a big policy fits one GPU); under "
+                         "torchrun, train the whole policy (--lora_r 0), which FSDP shards across the GPUs")
 
 
 def read_config_file(path: str, known: set[str]) -> dict:
@@ -163,23 +162,45 @@ def check_output_path(output_dir: str) -> None:
         raise ValueError(f"--output_dir {output_dir!r} cannot be a folder: {existing!r} is a file")
 
 
-def load_rows(dataset: str, split: str, columns: list[str]) -> list[dict]:
-    """Rows of a Hugging Face data set (hub name) or of a local .json/.jsonl file, checked for `columns`."""
-    from datasets import load_dataset
-
+def read_json_rows(path: str) -> list[dict]:
+    """The rows of a local JSON-lines file, or of a JSON file holding one list of objects; one-line errors."""
     try:
-        if os.path.isfile(dataset) or dataset.endswith((".json", ".jsonl")):
-            data = load_dataset("json", data_files=dataset, split="train")
-        else:
-            data = load_dataset(dataset, split=split)
-    except Exception as e:  # noqa: BLE001 - the data set libraries raise many kinds; the user needs one line
-        raise SystemExit(f"error: could not load data set {dataset!r} (split {split!r}): {type(e).__name__}: {e}")
-    if len(data) == 0:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise SystemExit(f"error: could not read data set {path!r}: {e.strerror or e}") from None
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as e:
+        raise SystemExit(f"error: data set {path!r} is not JSON lines (or one JSON list): {e}") from None
+    if any(not isinstance(row, dict) for row in rows):
+        raise SystemExit(f"error: data set {path!r} holds a row that is not a JSON object")
+    return rows
+
+
+def load_rows(dataset: str, split: str, columns: list[str]) -> list[dict]:
+    """Rows of a Hugging Face data set (hub name) or of a local .json/.jsonl file, checked for `columns`. A local
+    file is read directly: `datasets` is needed for hub names only."""
+    if os.path.isfile(dataset) or dataset.endswith((".json", ".jsonl")):
+        rows = read_json_rows(dataset)
+    else:
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise SystemExit(f"error: data set {dataset!r} is a hub name, which needs the datasets package: "
+                             "pip install datasets") from None
+        try:
+            rows = [dict(row) for row in load_dataset(dataset, split=split)]
+        except Exception as e:  # noqa: BLE001 - the data set libraries raise many kinds; the user needs one line
+            raise SystemExit(f"error: could not load data set {dataset!r} (split {split!r}): {type(e).__name__}: {e}")
+    if not rows:
         raise SystemExit(f"error: data set {dataset!r} has no rows")
-    missing = [c for c in columns if c not in data.column_names]
+    names = list(rows[0])
+    missing = [c for c in columns if c not in names]
     if missing:
-        raise SystemExit(f"error: data set {dataset!r} has no column(s) {missing}; its columns are {data.column_names}")
-    return [dict(row) for row in data]
+        raise SystemExit(f"error: data set {dataset!r} has no column(s) {missing}; its columns are {names}")
+    return rows
 
 
 def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig, reference: bool = True):
@@ -188,7 +209,8 @@ def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig, re
     reference is the policy itself with the adapter off) loads no second copy and returns None for it."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    frozen = torch.bfloat16 if (cfg.bf16 and resolve_device(cfg.device).type == "cuda") else torch.float32
+    # bf16 as stored on the hub; from_pretrained keeps the rotary frequencies (buffers) in float32
+    frozen = torch.bfloat16 if devices.on_for_cuda(cfg.bf16, devices.resolve_device(cfg.device)) else torch.float32
 
     def load(what: str, name: str, loader, **kwargs):
         where = f"{what.replace(' ', '_')} {name!r}"
@@ -239,23 +261,27 @@ def response_text(x) -> str:
     return x[-1]["content"] if isinstance(x, list) else str(x)
 
 
-def build_reward(cfg: R2MConfig, rm: nn.Module, policy: nn.Module, rm_view: RMView) -> FrozenRewardBody:
-    """The one place where the reward mode picks the reward model's class (and BRME fits its heads)."""
+def build_reward(cfg: R2MConfig, rm: nn.Module, policy: nn.Module) -> FrozenRewardBody:
+    """The one place where the reward mode picks the reward model's class."""
     if REWARD_MODES[cfg.reward].ensemble:
-        ensemble = brme.BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
-        if cfg.resume and has_checkpoint(cfg.output_dir):
-            return ensemble  # the fitted heads come back with the checkpoint
-        if not cfg.brme_preference_file:
-            raise SystemExit("error: --reward brme needs --brme_preference_file (JSON lines: prompt, chosen, rejected)")
-        brme.fit_brme_from_file(ensemble, cfg.brme_preference_file, rm_view, cfg)
-        return ensemble
+        return brme.BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
     d_policy = policy.get_output_embeddings().in_features
     reward_model = R2MRewardModel(rm, d_policy=d_policy, d_attn=cfg.d_attn, seed=cfg.seed)
-    if REWARD_MODES[cfg.reward].pretrain:
-        reward_model.save_body = True
-        if not (cfg.resume and has_checkpoint(cfg.output_dir)):  # else the fine-tuned body comes back with it
-            pretrain_reward_model_from_file(reward_model, cfg.pretrain_rm_preference_file, rm_view, cfg)
+    reward_model.save_body = REWARD_MODES[cfg.reward].pretrain  # its fine-tuned body is part of the run's state
     return reward_model
+
+
+def preferences_to_fit(cfg: R2MConfig, rm_view: RMView):
+    """The preference pairs a reward mode is fitted on before RL (BRME's heads, the Pretrained RM's fine-tuning),
+    in the RM's view; None when it fits nothing, or when a resumed run has them fitted in its checkpoint."""
+    mode = REWARD_MODES[cfg.reward]
+    if not (mode.ensemble or mode.pretrain) or (cfg.resume and has_checkpoint(cfg.output_dir)):
+        return None
+    path = cfg.brme_preference_file if mode.ensemble else cfg.pretrain_rm_preference_file
+    if not path:
+        flag = "--brme_preference_file" if mode.ensemble else "--pretrain_rm_preference_file"
+        raise SystemExit(f"error: --reward {cfg.reward} needs {flag} (JSON lines: prompt, chosen, rejected)")
+    return preference_views(path, rm_view)
 
 
 def preference_views(path: str, rm_view: RMView) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -263,16 +289,6 @@ def preference_views(path: str, rm_view: RMView) -> tuple[tuple[torch.Tensor, to
     -> chosen (ids, mask), rejected (ids, mask), each (M, S) right-padded."""
     rows = load_rows(path, "train", ["prompt", "chosen", "rejected"])
     return tuple(pad_right([rm_view(str(r["prompt"]), response_text(r[c])) for r in rows], 0) for c in ("chosen", "rejected"))
-
-
-def pretrain_reward_model_from_file(reward_model: R2MRewardModel, path: str, rm_view: RMView, cfg: R2MConfig) -> tuple[float, float]:
-    """The Pretrained RM baseline's fine-tuning on a preference file (see `r2m.pretrain_reward_model`)."""
-    chosen, rejected = preference_views(path, rm_view)
-    disable_dropout(reward_model.reward_model)
-    before, after = pretrain_reward_model(reward_model, chosen, rejected, cfg, make_runtime(cfg))
-    tqdm.write(f"Pretrained RM: BT fine-tuning of the whole RM on {len(chosen[0])} pairs from {path}, "
-               f"{cfg.pretrain_rm_epochs} epoch(s) at lr {cfg.pretrain_rm_lr:g}: pair accuracy {before:.3f} -> {after:.3f}")
-    return before, after
 
 
 def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts: list[list[int]],
@@ -296,11 +312,13 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
     distributed.setup(cfg.device)  # --- distributed: under torchrun join the process group; nothing on one process ---
     rm_view = make_rm_view(rm_tokenizer, render)
     shares_ids = render is None and same_tokenizer(tokenizer, rm_tokenizer)
-    reward_model = build_reward(cfg, rm, policy, rm_view)
+    reward_model = build_reward(cfg, rm, policy)
+    preferences = preferences_to_fit(cfg, rm_view)
     tracker = tracking.make_tracker(options.report_to, cfg.output_dir, config)
     try:
         return train(policy, ref_policy, reward_model, tokenizer, prompts, cfg, prompt_texts=prompt_texts,
-                     rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer), tracker=tracker)
+                     rm_view=None if shares_ids else rm_view, rm_pad_id=pad_token_id(rm_tokenizer), tracker=tracker,
+                     preferences=preferences)
     except TrainingError as e:
         raise SystemExit(f"error: {e}")
     except RuntimeError as e:  # torch's sampler met NaN/inf probabilities: finite weights whose outputs overflow
@@ -313,4 +331,5 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
                          "continue with --resume true")
     finally:
         tracker.close()
-        distributed.teardown()  # --- distributed: leave the process group (nothing on one process) ---
+        # --- distributed: leave the process group, at a barrier unless this rank stops on an error ---
+        distributed.teardown(wait=sys.exc_info()[0] is None)

@@ -324,13 +324,8 @@ def build_reward_model(name: str, cfg: r2m.R2MConfig, proxy, world: dict):
     mode = r2m.REWARD_MODES[cfg.reward]
     if METHODS[name].get("omega_scaled"):
         return OmegaScaledProxy(proxy, cfg.total_steps, cfg.omega_floor)
-    if mode.ensemble:
-        reward_model = brme.BRMEReward(proxy, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
-        train_pairs = world["train_pairs"]
-        brme.fit_brme_heads(reward_model, reward_model.reward_token_embedding(*pair_batch(train_pairs, "chosen")),
-                           reward_model.reward_token_embedding(*pair_batch(train_pairs, "rejected")),
-                           cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed, sigma_prior=cfg.brme_sigma_prior)
-        return reward_model
+    if mode.ensemble:  # its heads are fitted by r2m.train, before RL, on the proxy's own training pairs
+        return brme.BRMEReward(proxy, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
     return r2m.R2MRewardModel(proxy, d_policy=64, d_attn=cfg.d_attn, seed=cfg.seed)
 
 
@@ -366,7 +361,10 @@ def run_method(name: str, seed: int, steps: int, world: dict, out_dir: str, rl: 
                 "gold_std": statistics.pstdev(golds), "proxy_std": proxy_scores.std().item(),
                 "agree/used": agree_used, "agree/proxy": agree_proxy, "agree/pairs": pairs}
 
-    history = r2m.train(policy, ref_policy, reward_model, tokenizer, world["prompts"], cfg, on_step=on_step)
+    pairs = world["train_pairs"]
+    preferences = (pair_batch(pairs, "chosen"), pair_batch(pairs, "rejected")) if mode.ensemble else None
+    history = r2m.train(policy, ref_policy, reward_model, tokenizer, world["prompts"], cfg, on_step=on_step,
+                        preferences=preferences)
     acc = rm_accuracy(reward_model, policy, mode, world["heldout_pairs"], r2m.omega(steps - 1, steps, cfg.omega_floor)
                       if mode.feedback else 1.0)
     for h in history:

@@ -22,6 +22,11 @@ torch.set_num_threads(THREADS)
 import tiny  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "learning: a tiny run that must learn; R2M_TEST_SEED and R2M_TEST_THREADS "
+                            "re-run it on other seeds and thread counts (helpers.py)")
+
+
 def _default_output_dirs() -> set[str]:
     """Every --output_dir a script uses when none is given: the loop's default and each preset's."""
     import dataclasses

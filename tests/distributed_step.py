@@ -21,14 +21,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
+import devices  # noqa: E402
 import distributed  # noqa: E402
 import r2m  # noqa: E402
+from devices import HostRows  # noqa: E402
 import tiny  # noqa: E402
 
 
 def take_rows(ro: r2m.Rollout, rows: slice) -> r2m.Rollout:
     """This rank's rows of a rollout (every (N, ...) field)."""
     fields = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in vars(ro).items()}
+    fields["hidden"] = HostRows.from_tensor(ro.hidden.tensor()[rows])
     return r2m.Rollout(**fields)
 
 
@@ -64,8 +67,8 @@ def main(out: str) -> None:
     reward_model = r2m.R2MRewardModel(rm, d_policy=policy.get_output_embeddings().in_features, d_attn=cfg.d_attn)
     rows = tiny.synthetic_tldr_rows(cfg.queries_per_step, seed=3)
     prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"][-48:] for r in rows]
-    rt = r2m.make_runtime(cfg)
-    r2m.prepare_models(policy, ref_policy, reward_model, cfg, rt)
+    rt = devices.make_runtime(cfg)
+    r2m.prepare_models(policy, ref_policy, reward_model, rt)
     mode = r2m.REWARD_MODES["r2m"]
 
     torch.manual_seed(5)  # the same trajectories for every process count
@@ -73,7 +76,7 @@ def main(out: str) -> None:
 
     is_distributed, rank, world_size, _ = distributed.setup(cfg.device)
     rank_cfg = distributed.per_rank_config(cfg, world_size)
-    distributed.shard_models(policy, ref_policy, reward_model, rt.device, bf16_compute=False)
+    distributed.place_models(policy, ref_policy, reward_model, rt.device, bf16_compute=False)
     share = cfg.trajectories_per_step // world_size
     ro = take_rows(full, slice(rank * share, (rank + 1) * share))
     torch.manual_seed(7 + rank)

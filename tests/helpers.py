@@ -25,3 +25,12 @@ THREADS = int(os.environ.get("R2M_TEST_THREADS", "2"))
 def script(name: str) -> list[str]:
     """The command that runs one of the project's scripts (a path relative to the checkout)."""
     return [sys.executable, os.path.join(ROOT, name)]
+
+
+def learned(observed: float, needed: float) -> bool:
+    """observed > needed. Also prints `learning margin <test>: observed vs needed (ratio)`, which
+    `pytest -s -m learning` collects when the margins are measured over seeds and thread counts."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    print(f"\nlearning margin {test} seed {LEARNING_SEED} threads {THREADS}: {observed:.4g} vs {needed:.4g} needed "
+          f"({observed / needed if needed else float('inf'):.2f}x)")
+    return observed > needed

@@ -222,8 +222,8 @@ def test_resume_settings_must_match_or_are_applied(tmp_path, capsys):
                                 f"{saved}, or start over with --overwrite true or another --output_dir")
     # taken from the checkpoint: BRME's fitting settings, with a note
     saved = dataclasses.asdict(r2m.R2MConfig(reward="brme", brme_epochs=10))
-    assert checkpoints.resume_notes(saved, r2m.R2MConfig(reward="brme", brme_epochs=3)) == [
-        "--brme_epochs 3 is not used: the BRME heads come from the checkpoint (brme_epochs was 10)"]
+    assert checkpoints.resume_notes(saved, r2m.R2MConfig(reward="brme", brme_epochs=3), "the fitted BRME heads") == [
+        "--brme_epochs 3 is not used: the checkpoint holds the fitted BRME heads (brme_epochs was 10)"]
     # may change: a longer run and a new learning rate, both really applied from the first resumed step
     capsys.readouterr()
     train_tldr.main(["--preset", "tiny", "--output_dir", out, "--resume", "true", "--total_trajectories", "128",

@@ -4,11 +4,15 @@ import copy
 
 import torch
 
+import pytest
+
 import brme
+import devices
 import r2m
 import runner
 import tiny
 import train_ultrafeedback
+from helpers import LEARNING_SEED, learned
 
 
 def test_rm_reads_its_own_template_and_policy_states_cover_policy_tokens(tmp_path):
@@ -20,7 +24,7 @@ def test_rm_reads_its_own_template_and_policy_states_cover_policy_tokens(tmp_pat
     assert tok.decode(prompts[0]) == "<|user|>How do I fix my dog?<|endoftext|><|assistant|>"
     cfg = r2m.R2MConfig(queries_per_step=2, group_size=2, total_trajectories=4, max_new_tokens=5, device="cpu",
                         forward_batch_size=4, generation_batch_size=4)
-    rt = r2m.make_runtime(cfg)
+    rt = devices.make_runtime(cfg)
     view = r2m.make_rm_view(rm_tok, runner.chat_render(rm_tok))
     ro = r2m.rollout(policy, copy.deepcopy(policy), tok, prompts, prompts_text, cfg, rt, view, rm_tok.pad_token_id)
     for row in range(4):
@@ -38,41 +42,47 @@ def _embed(ensemble, view, rows, column):
     return ensemble.reward_token_embedding(ids, mask)
 
 
+@pytest.mark.learning
 def test_brme_heads_learn_and_sigma_marks_contradictory_pairs(tokenizer):
-    rm = tiny.build_reward_model(tokenizer)
+    rm = tiny.build_reward_model(tokenizer, seed=LEARNING_SEED + 1)
     view = r2m.make_rm_view(tokenizer)
-    train = tiny.synthetic_preference_rows(512, seed=11, contradictory=0.3)
-    test = tiny.synthetic_preference_rows(256, seed=12, contradictory=0.3)
-    ensemble = brme.BRMEReward(rm, num_heads=5, lam=0.4)
+    train = tiny.synthetic_preference_rows(512, seed=11 + LEARNING_SEED, contradictory=0.3)
+    test = tiny.synthetic_preference_rows(256, seed=12 + LEARNING_SEED, contradictory=0.3)
+    ensemble = brme.BRMEReward(rm, num_heads=5, lam=0.4, seed=LEARNING_SEED)
     brme.fit_brme_heads(ensemble, _embed(ensemble, view, train, "chosen"), _embed(ensemble, view, train, "rejected"),
-                       epochs=10, lr=3e-2)
+                       epochs=10, lr=3e-2, seed=LEARNING_SEED)
     with torch.no_grad():
         mu_w, sig_w = ensemble.head_distributions(_embed(ensemble, view, test, "chosen"))
         mu_l, sig_l = ensemble.head_distributions(_embed(ensemble, view, test, "rejected"))
     consistent = torch.tensor([r["kind"] == "consistent" for r in test])
     heldout_accuracy = (mu_w > mu_l)[consistent].float().mean(0)  # (E,)
-    assert (heldout_accuracy > 0.75).all(), heldout_accuracy  # chance is 0.5
+    assert learned(heldout_accuracy.min().item(), 0.75), heldout_accuracy  # chance is 0.5
     sigma = (sig_w + sig_l) / 2  # (M, E)
-    assert sigma[~consistent].mean() > 1.5 * sigma[consistent].mean()
+    assert learned(sigma[~consistent].mean().item(), 1.5 * sigma[consistent].mean().item())
     # the heads differ (noise at init + own bootstrap sample)
     assert not torch.allclose(mu_w[:, 0], mu_w[:, 1])
 
 
-def test_brme_rl_run_raises_the_robust_reward(tmp_path, tokenizer, models, prompts):
-    policy, ref_policy, rm = models
-    ensemble = brme.BRMEReward(rm, num_heads=3, lam=0.4)
+@pytest.mark.learning
+def test_brme_rl_run_raises_the_robust_reward(tmp_path, tokenizer, prompts):
+    policy, rm = tiny.build_policy(tokenizer, seed=LEARNING_SEED), tiny.build_reward_model(tokenizer, seed=LEARNING_SEED + 1)
+    ref_policy = copy.deepcopy(policy)
+    ensemble = brme.BRMEReward(rm, num_heads=3, lam=0.4, seed=LEARNING_SEED)
     view = r2m.make_rm_view(tokenizer)
-    rows = tiny.synthetic_preference_rows(128, seed=5)
-    brme.fit_brme_heads(ensemble, _embed(ensemble, view, rows, "chosen"), _embed(ensemble, view, rows, "rejected"), epochs=5, lr=3e-2)
-    heads = copy.deepcopy(ensemble.heads.state_dict())
+    rows = tiny.synthetic_preference_rows(128, seed=5 + LEARNING_SEED)
+    pairs = tuple(r2m.pad_right([view(r["prompt"], r[c]) for r in rows], 0) for c in ("chosen", "rejected"))
     cfg = r2m.R2MConfig(reward="brme", queries_per_step=8, group_size=4, total_trajectories=32 * 16,
                         max_new_tokens=3, policy_lr=1e-2, beta=0.0, policy_minibatch_size=16, micro_batch_size=8,
-                        forward_batch_size=16, generation_batch_size=32, device="cpu",
-                        output_dir=str(tmp_path / "run"), save_every=0, sample_every=0)
-    history = r2m.train(policy, ref_policy, ensemble, tokenizer, prompts, cfg)
+                        forward_batch_size=16, generation_batch_size=32, device="cpu", brme_epochs=5, brme_lr=3e-2,
+                        output_dir=str(tmp_path / "run"), save_every=0, sample_every=0, seed=LEARNING_SEED)
+    fitted_alone = copy.deepcopy(ensemble)  # the same fit, without RL after it
+    fitted_alone.fit_before_rl(*pairs, cfg=cfg, rt=devices.make_runtime(cfg))
+    history = r2m.train(policy, ref_policy, ensemble, tokenizer, prompts, cfg, preferences=pairs)  # fits, then RL
     rewards = [h["reward/mean"] for h in history]
-    assert sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3 > history[0]["reward/std"], rewards
+    assert learned(sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3, history[0]["reward/std"]), rewards
+    heads = fitted_alone.heads.state_dict()
     assert all(torch.equal(heads[k], v) for k, v in ensemble.heads.state_dict().items())  # frozen during RL
+    assert any(not torch.equal(heads[k], v) for k, v in brme.BRMEReward(rm, 3, 0.4, LEARNING_SEED).heads.state_dict().items())
 
 
 def test_brme_refuses_an_r2m_mode_mismatch(tmp_path, tokenizer, models, prompts):

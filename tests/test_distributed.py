@@ -16,6 +16,8 @@ import pytest
 import torch
 from test_scripts import metrics
 
+import tiny
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from helpers import ENV as _ENV  # noqa: E402
 
@@ -23,8 +25,8 @@ ENV = {**_ENV, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port each time
 
 
-def launch(cmd, check=True):
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+def launch(cmd, check=True, env=None):
+    proc = subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=240)
     if check:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
@@ -101,3 +103,88 @@ def test_each_rank_gets_an_equal_share_or_a_clear_error():
             distributed.per_rank_config(r2m.R2MConfig(**{**vars(cfg), **change}), 2)
     with pytest.raises(ValueError, match="one process only"):
         distributed.per_rank_config(cfg, 2, train_body=True)
+
+
+# --- the Pretrained RM, checkpoint repair, save errors and LoRA on 2 ranks ------------------------------------------
+
+CHECKS = os.path.join(ROOT, "tests", "distributed_checks.py")
+TINY = [os.path.join(ROOT, "train_tldr.py"), "--preset", "tiny", "--sample_every", "0"]
+
+
+def test_pretrained_rm_on_two_ranks_fine_tunes_shards_saves_and_resumes_like_one_process(tmp_path):
+    """The RM body is fine-tuned after sharding, data-parallel (each rank half of every minibatch), gathered whole
+    into the checkpoint, and loaded back into every rank's own shards."""
+    flags = ["--reward", "pretrained_rm", "--total_trajectories", "64", "--save_every", "1"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    launch([sys.executable, *TINY, *flags, "--output_dir", one])
+    log = launch([*TORCHRUN, *TINY, *flags, "--output_dir", two])
+    assert (log.stdout + log.stderr).count("Pretrained RM: BT fine-tuning") == 1  # printed by rank 0
+    bodies = [torch.load(os.path.join(d, "checkpoint", "state.pt"), weights_only=False)["reward_model"]["body"]
+              for d in (one, two)]
+    assert {k: v.shape for k, v in bodies[0].items()} == {k: v.shape for k, v in bodies[1].items()}
+    assert all(type(v) is torch.Tensor for v in bodies[1].values())  # whole tensors, not DTensor shards
+    start = tiny.build_reward_model(tiny.build_tokenizer(), seed=1).base_model.state_dict()
+    assert any(not torch.equal(bodies[0][k], v) for k, v in start.items())  # it was fine-tuned ...
+    for k in bodies[0]:  # ... alike on 1 and 2 ranks (every minibatch split in two, gradients averaged). Not to the
+        # last bit: AdamW scales a gradient component that is zero but for rounding (key biases) up to ±lr.
+        update = (bodies[0][k] - start[k]).norm()
+        assert (bodies[1][k] - bodies[0][k]).norm() <= 0.01 * update + 1e-6, k
+    # every rank of a resumed run scores with the saved body: the same rewards on each, and as on one process
+    out = str(tmp_path / "rewards.json")
+    launch([*TORCHRUN, CHECKS, out, "rm_rewards", os.path.join(two, "checkpoint")])
+    launch([sys.executable, CHECKS, out + ".one", "rm_rewards", os.path.join(two, "checkpoint")])
+    import json
+
+    ranks, single = json.load(open(out)), json.load(open(out + ".one"))[0]
+    for rewards in ranks:
+        assert rewards == pytest.approx(single, abs=1e-5)
+    resumed = launch([*TORCHRUN, *TINY, *flags[:2], "--total_trajectories", "96", "--resume", "true", "--output_dir", two])
+    assert "Pretrained RM: BT fine-tuning" not in resumed.stdout + resumed.stderr  # the body came back with it
+    assert [m["step"] for m in metrics(two)] == [0, 1, 2]
+
+
+def test_brme_on_two_ranks_fits_the_same_heads_as_one_process(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    flags = ["--reward", "brme", "--total_trajectories", "64"]
+    launch([sys.executable, *TINY, *flags, "--output_dir", one])
+    launch([*TORCHRUN, *TINY, *flags, "--output_dir", two])
+    heads = [torch.load(os.path.join(d, "checkpoint", "state.pt"), weights_only=False)["reward_model"]["heads"]
+             for d in (one, two)]
+    for k in heads[0]:
+        torch.testing.assert_close(heads[1][k], heads[0][k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_two_ranks_resuming_an_interrupted_save_repair_it_once_and_load_the_policy_once(tmp_path):
+    out = str(tmp_path / "run")
+    flags = ["--total_trajectories", "96", "--save_every", "1", "--output_dir", out]
+    crashed = launch([sys.executable, *TINY, *flags], check=False, env={"R2M_TEST_KILL_BETWEEN_RENAMES": "1"})
+    assert crashed.returncode == -9 and not os.path.exists(os.path.join(out, "checkpoint"))
+    assert os.path.exists(os.path.join(out, "checkpoint.old")) and os.path.exists(os.path.join(out, "checkpoint.tmp"))
+    log = str(tmp_path / "calls.log")
+    launch([*TORCHRUN, CHECKS, log, "train_tldr", "--preset", "tiny", "--sample_every", "0", "--resume", "true", *flags])
+    calls = sorted(open(log).read().splitlines())
+    assert calls == ["0 loads the policy", "0 repairs"]  # rank 0 alone, once each
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2]
+    assert sorted(os.listdir(out)) == ["checkpoint", "config.json", "metrics.jsonl"]
+
+
+def test_a_failed_save_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 alone writes checkpoints; when it cannot (here: files may not grow past 100 kB, as on a full disk)
+    both ranks stop at once with the one-line error, instead of rank 1 waiting in the next collective."""
+    import resource
+
+    out = str(tmp_path / "run")
+    launch([sys.executable, *TINY, "--total_trajectories", "64", "--save_every", "2", "--output_dir", out])
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # noqa: E731
+    proc = subprocess.run([*TORCHRUN, *TINY, "--total_trajectories", "128", "--save_every", "1", "--resume", "true",
+                           "--output_dir", out], env=ENV, capture_output=True, text=True, timeout=180, preexec_fn=limit)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "error: step 2: could not write" in log  # rank 0's own error
+    assert "error: rank 0 stopped the run: step 2: could not write" in log  # rank 1's
+
+
+def test_lora_under_torchrun_is_one_clear_line_on_every_rank(tmp_path):
+    proc = launch([*TORCHRUN, *TINY, "--lora_r", "4", "--output_dir", str(tmp_path / "o")], check=False)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("error: --lora_r runs on one process only") == 2

@@ -6,9 +6,11 @@ import copy
 import pytest
 import torch
 
+import devices
 import r2m
 import runner
 import tiny
+from devices import HostRows
 
 
 def _cfg(tmp_path, **overrides) -> r2m.R2MConfig:
@@ -28,7 +30,7 @@ def test_sampling_ignores_the_models_own_generation_config(tmp_path, tokenizer, 
     policy = AutoModelForCausalLM.from_pretrained(folder)
     assert policy.generation_config.repetition_penalty == 1.3  # the trap is armed
     cfg = _cfg(tmp_path, max_new_tokens=8, temperature=0.7)
-    rt = r2m.make_runtime(cfg)
+    rt = devices.make_runtime(cfg)
     r2m.disable_dropout(policy)
 
     captured = {}
@@ -136,11 +138,11 @@ def test_hidden_states_used_by_the_rm_step_are_refreshed_in_the_last_epoch(tmp_p
     epoch, the last epoch's forward runs after exactly one optimiser step."""
     policy = tiny.build_policy(tokenizer)
     cfg = _cfg(tmp_path, policy_epochs=2, policy_minibatch_size=16, micro_batch_size=16)
-    rt = r2m.make_runtime(cfg)
+    rt = devices.make_runtime(cfg)
     r2m.disable_dropout(policy)
     torch.manual_seed(0)
     ro = r2m.rollout(policy, copy.deepcopy(policy), tokenizer, prompts[:4], None, cfg, rt, None, 0, True)
-    h_old = ro.hidden.clone()
+    h_old = ro.hidden.tensor()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr)
     after_first_step = {}
     optimizer.register_step_post_hook(
@@ -148,9 +150,9 @@ def test_hidden_states_used_by_the_rm_step_are_refreshed_in_the_last_epoch(tmp_p
     advantages = torch.randn(16)
     r2m.policy_update(policy, optimizer, ro, advantages, cfg, rt)
     mask = ro.hidden_mask
-    assert not torch.allclose(ro.hidden[mask], h_old[mask])  # refreshed, not π_old's
+    assert not torch.allclose(ro.hidden.tensor()[mask], h_old[mask])  # refreshed, not π_old's
     h_expected, _ = r2m.policy_hidden_states(after_first_step["policy"], ro.query_responses, ro.attention_mask)
-    torch.testing.assert_close(ro.hidden[mask], h_expected[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ro.hidden.tensor()[mask], h_expected[mask], atol=1e-5, rtol=0)
 
 
 def test_grebt_pairs_fresh_by_default_annotated_on_request(tmp_path, tokenizer):
@@ -162,7 +164,7 @@ def test_grebt_pairs_fresh_by_default_annotated_on_request(tmp_path, tokenizer):
     ro = r2m.Rollout(
         query_responses=torch.zeros(n * K, 6, dtype=torch.long), attention_mask=torch.ones(n * K, 6),
         response_mask=torch.ones(n * K, 2), old_logprobs=torch.zeros(n * K, 2), ref_logprobs=torch.zeros(n * K, 2),
-        hidden=torch.randn(n * K, 5, 64), hidden_mask=torch.ones(n * K, 5, dtype=torch.bool),
+        hidden=HostRows.from_tensor(torch.randn(n * K, 5, 64)), hidden_mask=torch.ones(n * K, 5, dtype=torch.bool),
         rm_input_ids=torch.zeros(n * K, 6, dtype=torch.long), rm_attention_mask=torch.ones(n * K, 6),
         contains_eos=torch.ones(n * K, dtype=torch.bool), prompt_len=4,
         reward_token_embedding=torch.randn(n * K, 48),
@@ -174,11 +176,11 @@ def test_grebt_pairs_fresh_by_default_annotated_on_request(tmp_path, tokenizer):
         mode = r2m.REWARD_MODES[mode_name]
         cfg = _cfg(tmp_path, grebt_pairs=pairs, alpha=0.0, rm_minibatch_groups=n, rm_lr=0.0)
         with torch.no_grad():
-            fresh = model.rewards_from_embedding(ro.reward_token_embedding, ro.hidden, ro.hidden_mask, 0.5)
+            fresh = model.rewards_from_embedding(ro.reward_token_embedding, ro.hidden.tensor(), ro.hidden_mask, 0.5)
             fresh = fresh.view(n, K) if mode.feedback else model.rewards_from_embedding(
                 ro.reward_token_embedding).view(n, K)
         opt = torch.optim.AdamW(list(model.trainable_parameters(feedback=mode.feedback)), lr=0.0)
-        stats = r2m.reward_model_update(model, opt, ro, annotated, 0.5, mode, cfg, r2m.make_runtime(cfg))
+        stats = r2m.reward_model_update(model, opt, ro, annotated, 0.5, mode, cfg, devices.make_runtime(cfg))
         chooser = annotated if (pairs == "annotated" or mode_name == "iterative_head") else fresh
         w, l = chooser.argmax(1), chooser.argmin(1)
         rows = torch.arange(n)
@@ -192,7 +194,7 @@ def test_grebt_pairs_fresh_by_default_annotated_on_request(tmp_path, tokenizer):
 def test_a_tiny_run_logs_the_feedback_diagnostics_and_per_token_kl(tmp_path, tokenizer, prompts):
     policy, rm = tiny.build_policy(tokenizer), tiny.build_reward_model(tokenizer)
     cfg = _cfg(tmp_path, total_trajectories=16 * 3, rm_epochs=2)
-    model = runner.build_reward(cfg, rm, policy, rm_view=None)
+    model = runner.build_reward(cfg, rm, policy)
     history = r2m.train(policy, copy.deepcopy(policy), model, tokenizer, prompts, cfg)
     first, last = history[0], history[-1]
     assert first["feedback/reward_var_share"] == 0.0  # ω(0) = 1: the feedback path carries nothing

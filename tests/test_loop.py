@@ -6,9 +6,12 @@ import math
 import pytest
 import torch
 
+import devices
 import r2m
+from devices import HostRows
 import runner
 import tiny
+from helpers import LEARNING_SEED, learned
 
 
 def tiny_cfg(tmp_path, **overrides) -> r2m.R2MConfig:
@@ -121,42 +124,44 @@ def test_lr_schedule(tmp_path, tokenizer, models, prompts, schedule):
         tiny_cfg(tmp_path, lr_schedule="cosine").validate()
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("algo", ["rloo", "grpo", "remax", "reinforce_pp"])  # every estimator learns
-def test_tiny_run_raises_a_fixed_reward(tmp_path, tokenizer, models, prompts, algo):
+def test_tiny_run_raises_a_fixed_reward(tmp_path, tokenizer, prompts, algo):
     """Frozen tiny RM as a fixed reward. Short responses (3 tokens) keep credit assignment easy enough for
     a 2-layer random policy to learn within 16 steps of 32 trajectories."""
-    policy, ref_policy, rm = models
-    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    policy, rm = tiny.build_policy(tokenizer, seed=LEARNING_SEED), tiny.build_reward_model(tokenizer, seed=LEARNING_SEED + 1)
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16, seed=LEARNING_SEED)
     steps = 16
     cfg = tiny_cfg(tmp_path, algo=algo, reward="vanilla", total_trajectories=32 * steps, max_new_tokens=3,
-                   beta=0.0, policy_lr=1e-2)
-    history = r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
+                   beta=0.0, policy_lr=1e-2, seed=LEARNING_SEED)
+    history = r2m.train(policy, copy.deepcopy(policy), reward_model, tokenizer, prompts, cfg)
     rewards = [h["reward/mean"] for h in history]
     start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     spread = history[0]["reward/std"]  # std of the reward over the first step's trajectories
-    assert end - start > 1.0 * spread, (algo, [round(r, 3) for r in rewards], spread)
+    assert learned(end - start, 1.0 * spread), (algo, [round(r, 3) for r in rewards], spread)
 
 
-def test_grebt_step_lowers_its_loss_on_a_fixed_batch(tmp_path, models):
+@pytest.mark.learning
+def test_grebt_step_lowers_its_loss_on_a_fixed_batch(tmp_path, tokenizer):
     """reward_model_update is real optimisation: repeated on one step's data its GREBT loss goes down."""
-    _, _, rm = models
-    torch.manual_seed(0)
-    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    rm = tiny.build_reward_model(tokenizer, seed=LEARNING_SEED + 1)
+    torch.manual_seed(LEARNING_SEED)
+    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16, seed=LEARNING_SEED)
     n, K, S = 8, 4, 10
     cfg = tiny_cfg(tmp_path, rm_lr=1e-2, rm_minibatch_groups=n)
     ro = r2m.Rollout(
         query_responses=torch.zeros(n * K, S + 1, dtype=torch.long), attention_mask=torch.ones(n * K, S + 1),
         response_mask=torch.ones(n * K, 1), old_logprobs=torch.zeros(n * K, 1), ref_logprobs=torch.zeros(n * K, 1),
-        hidden=torch.randn(n * K, S, 64), hidden_mask=torch.ones(n * K, S, dtype=torch.bool),
+        hidden=HostRows.from_tensor(torch.randn(n * K, S, 64)), hidden_mask=torch.ones(n * K, S, dtype=torch.bool),
         rm_input_ids=torch.zeros(n * K, 1, dtype=torch.long), rm_attention_mask=torch.ones(n * K, 1),
         contains_eos=torch.ones(n * K, dtype=torch.bool), prompt_len=S, reward_token_embedding=torch.randn(n * K, 48),
     )
     annotated = torch.randn(n, K)
     optimizer = torch.optim.AdamW(reward_model.trainable_parameters(), lr=cfg.rm_lr)
-    rt = r2m.make_runtime(cfg)
+    rt = devices.make_runtime(cfg)
     losses = [r2m.reward_model_update(reward_model, optimizer, ro, annotated, 0.6, r2m.REWARD_MODES["r2m"], cfg, rt)["rm/grebt"]
               for _ in range(30)]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert learned(1 - losses[-1] / losses[0], 0.3), losses  # the loss falls by more than 30%
 
 
 def test_whole_rm_baseline_trains_the_body_and_r2m_does_not(tmp_path, tokenizer, models, prompts):
@@ -168,4 +173,37 @@ def test_whole_rm_baseline_trains_the_body_and_r2m_does_not(tmp_path, tokenizer,
     cfg = tiny_cfg(tmp_path, reward="r2m_full_rm", total_trajectories=32, forward_batch_size=16, rm_minibatch_groups=4)
     r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
     assert changed(body, rm.base_model)  # the whole RM moved ...
-    assert counts["rm"] == 32 // 16 + 8 // 4  # ... at the price of RM forwards in the GREBT step too
+    # ... at the price of RM forwards in the GREBT step too: 8 groups in minibatches of 4, each run through the RM in
+    # micro-batches of 8 // K = 2 groups (--micro_batch_size sequences)
+    assert counts["rm"] == 32 // 16 + (8 // 4) * (4 // (8 // 4))
+
+
+def test_whole_rm_grebt_step_in_micro_batches_is_the_same_update(tmp_path, tokenizer, prompts):
+    """The whole-RM baseline's GREBT step runs the RM body with gradients; micro-batched (accumulating over whole
+    groups) it makes the same update as in one piece, without holding a whole minibatch's activations."""
+    policy = tiny.build_policy(tokenizer, seed=0)
+    cfg = tiny_cfg(tmp_path, reward="r2m_full_rm", rm_minibatch_groups=8, micro_batch_size=32, policy_minibatch_size=32)
+    rt = devices.make_runtime(cfg)
+    torch.manual_seed(0)
+    ro = r2m.rollout(policy, copy.deepcopy(policy), tokenizer, prompts[:8], None, cfg, rt, None, 0, True)
+    mode = r2m.REWARD_MODES["r2m_full_rm"]
+    after = {}
+    for micro in (32, 4):  # all 8 groups at once, then 1 group (K = 4 sequences) per RM forward
+        rm = tiny.build_reward_model(tokenizer, seed=1)
+        model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+        rm.base_model.requires_grad_(True)
+        counts = {"rm": 0}
+        rm.base_model.register_forward_hook(lambda *a: counts.__setitem__("rm", counts["rm"] + 1))
+        with torch.no_grad():
+            annotated = r2m.annotate_rewards(model, ro, 0.6, mode, cfg, rt).view(8, 4)
+        optimizer = torch.optim.SGD(list(model.trainable_parameters(body=True)), lr=0.5)
+        micro_cfg = tiny_cfg(tmp_path, reward="r2m_full_rm", rm_minibatch_groups=8, micro_batch_size=micro,
+                             policy_minibatch_size=32)
+        forwards_before = counts["rm"]
+        r2m.reward_model_update(model, optimizer, ro, annotated, 0.6, mode, micro_cfg, rt)
+        assert counts["rm"] - forwards_before == 32 // micro  # one RM forward per micro-batch
+        after[micro] = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in after[32]:
+        torch.testing.assert_close(after[4][k], after[32][k], atol=1e-5, rtol=1e-4, msg=k)
+    start = tiny.build_reward_model(tokenizer, seed=1).base_model.state_dict()
+    assert any(not torch.equal(after[32]["reward_model.gpt_neox." + k], v) for k, v in start.items())  # the body moved
