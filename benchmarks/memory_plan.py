@@ -12,7 +12,8 @@ real sizes from the config files in benchmarks/configs/ (nothing is downloaded).
 the bytes of every live tensor storage, phase by phase. Two steps, because from the second one the policy's
 AdamW state exists; one batch per phase, because peaks depend on the batch sizes, not on how many batches a
 step has. It prints each phase's predicted peak of allocated memory, what stays allocated between phases,
-and a verdict line: `predicted peak X.X GiB of Y GiB (phase P): fits with Z.Z GiB to spare`.
+the peak of host memory (the models before they move to the GPU; a step's hidden states in pinned memory), and a
+verdict line: `predicted peak X.X GiB of Y GiB (phase P): fits with Z.Z GiB to spare`.
 
 What it cannot see (keep a margin for it, see README "What it costs"): the CUDA context and cuBLAS/cuDNN
 workspaces, the caching allocator's fragmentation and rounding, kernel-internal temporaries, and the differences
@@ -20,10 +21,12 @@ between CPU autocast (used here: fake CPU tensors stand in for the GPU, since ba
 needs a real device) and CUDA autocast's op lists.
 
 The stand-ins, each a small patch made only inside this script while it runs:
-- r2m's runtime is built as on a GPU (bf16 autocast, bf16 frozen models, host-side hidden states, gradient
-  checkpointing, AdamW as r2m would build it on CUDA) but on the CPU device.
-- Tensors r2m copies to host memory (`_to_host`, and whatever is concatenated only from them) are counted as
-  host memory, not GPU memory.
+- The run is configured as on a GPU (--bf16 and --gradient_checkpointing default to on; AdamW as r2m builds it on
+  CUDA) but on the CPU device.
+- The step's hidden states (`devices.HostRows`) are counted as host memory, at what the pinned-memory allocator
+  reserves for each chunk (a power of two), not as GPU memory.
+- The Pretrained RM (`--reward pretrained_rm`) is fine-tuned on fake preference pairs of the longest length, one
+  minibatch of them.
 - Sampling never stops early: no token is EOS and generation runs to --max_new_tokens (the worst case), and
   every data-dependent scalar reads a constant (`bool(tensor)` False, `.item()` 1): only logged statistics
   and the libraries' early exits depend on them.
@@ -69,6 +72,8 @@ except ImportError as e:  # pragma: no cover - depends on the installed versions
 if not hasattr(GenerationMixin, "_has_unfinished_sequences"):
     raise SystemExit("error: memory_plan.py needs a transformers whose generate() loop asks _has_unfinished_sequences")
 
+import devices  # noqa: E402
+import distributed  # noqa: E402
 import r2m  # noqa: E402
 import runner  # noqa: E402
 
@@ -85,6 +90,7 @@ KNOWN_CONFIGS = {
 }
 PHASES = ["generation", "old/ref log-probs", "RM annotation", "policy forward/backward", "policy AdamW step",
           "RM update (GREBT)"]
+BEFORE_RL = "RM fine-tuning (Pretrained RM, before RL)"  # step 0: the one phase before the first step
 # Which batch size sets which phases' peaks (for --fit).
 BATCH_FLAGS = {
     "generation_batch_size": ["generation"],
@@ -119,6 +125,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.device = 0  # live GPU-standing bytes
         self.host = 0  # live host bytes
+        self.host_peak = 0
         self.sizes: dict[int, tuple[int, bool]] = {}  # storage id -> (bytes, on host)
         self.phase = "set-up"
         self.step = 0
@@ -166,13 +173,16 @@ class LiveBytes(TorchDispatchMode):
     def is_host(self, t: torch.Tensor) -> bool:
         return self.sizes.get(t.untyped_storage()._cdata, (0, False))[1]
 
-    def mark_host(self, t: torch.Tensor) -> None:
+    def mark_host(self, t: torch.Tensor, reserved: Optional[int] = None) -> None:
+        """Count t's storage as host memory, of `reserved` bytes (what an allocator sets aside for it) if given."""
         key = t.untyped_storage()._cdata
         if key in self.sizes and not self.sizes[key][1]:
             nbytes, _ = self.sizes[key]
-            self.sizes[key] = (nbytes, True)
             self.device -= nbytes
+            nbytes = reserved if reserved is not None else nbytes
+            self.sizes[key] = (nbytes, True)
             self.host += nbytes
+            self.host_peak = max(self.host_peak, self.host)
 
     @contextlib.contextmanager
     def in_phase(self, name: str):
@@ -213,20 +223,22 @@ class Recorder:
     def __init__(self, counter: LiveBytes, policy_rows: int):
         self.counter, self.policy_rows = counter, policy_rows
         self.models: list[torch.nn.Module] = []
-        self.optimizers: list[torch.optim.Optimizer] = []
+        self.optimizers: list[weakref.ref] = []  # weak: an optimiser r2m drops (the Pretrained RM's) must go
         self.held: dict[tuple[int, str], dict] = {}
         self.kv_cache_bytes = 0
         self.kv_cache_dtype: Optional[torch.dtype] = None
         self.generations_left = 0  # per rollout: simulate the first generation batch only
         self.skip_peak_of_next_forward = False
         self.decode_steps_left = 0
+        self.models_host_bytes = 0  # the three models in host memory, before they move to the GPU
 
     def snapshot(self, name: str) -> None:
         params = [p for m in self.models for p in m.parameters()]
         weights = self.counter.bytes_of(params)
         grads = self.counter.bytes_of([p.grad for p in params])
         optim = self.counter.bytes_of(
-            [v for o in self.optimizers for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+            [v for ref in self.optimizers if (o := ref()) is not None for s in o.state.values() for v in s.values()
+             if isinstance(v, torch.Tensor)]
         )
         self.held[(self.counter.step, name)] = dict(
             weights=weights, grads=grads, optimizer=optim, other=self.counter.device - weights - grads - optim,
@@ -248,28 +260,25 @@ class Recorder:
 def gpu_standins(counter: LiveBytes, rec: Recorder):
     """Make r2m.train behave as on a GPU while running on (fake) CPU tensors, and mark the phases."""
     original = {name: getattr(r2m, name) for name in ("rollout", "annotate_rewards", "policy_update",
-                                                       "reward_model_update", "prepare_models", "_to_host")}
+                                                       "reward_model_update", "prepare_models", "pretrain_reward_model")}
+    allocate, place = devices.HostRows._allocate, distributed.place_models
 
-    def make_runtime(cfg):
-        # As r2m.make_runtime builds it on a GPU, with the CPU as the device.
-        bf16 = torch.bfloat16 if cfg.bf16 else None
-        return r2m.Runtime(device=torch.device("cpu"), autocast_dtype=bf16, hidden_device=torch.device("cpu"),
-                           hidden_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
-
-    def prepare_models(policy, ref_policy, reward_model, cfg, rt):
+    def prepare_models(policy, ref_policy, reward_model, rt, **kwargs):
         rec.models[:] = [policy, ref_policy, reward_model]
-        original["prepare_models"](policy, ref_policy, reward_model, cfg, rt)
-        if cfg.gradient_checkpointing:  # r2m turns it on only on CUDA devices
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            policy.config.use_cache = True
+        original["prepare_models"](policy, ref_policy, reward_model, rt, **kwargs)
         _wrap_generate(policy, counter, rec)
 
-    def to_host(x, rt):
-        # On a GPU r2m converts on the device, then copies to pinned host memory: the copy is host memory.
-        y = x.to(rt.hidden_dtype)
-        z = y.clone()
-        counter.mark_host(z)
-        return z
+    def place_models(policy, ref_policy, reward_model, *args, **kwargs):
+        # Until they move to the GPU, the models are in host memory (as loaded, in the dtypes just set).
+        models = (policy, ref_policy, reward_model)
+        rec.models_host_bytes = counter.bytes_of([t for m in models for t in (*m.parameters(), *m.buffers())])
+        return place(*models, *args, **kwargs)
+
+    def allocate_host_rows(self, n):
+        # On a GPU the chunk is pinned host memory, of the size the pinned allocator reserves for it.
+        chunk = allocate(self, n)
+        counter.mark_host(chunk, reserved=devices.pinned_bytes(chunk.untyped_storage().nbytes()))
+        return chunk
 
     def rollout(*args, **kwargs):
         counter.step += 1
@@ -299,7 +308,7 @@ def gpu_standins(counter: LiveBytes, rec: Recorder):
             else:
                 kwargs["foreach"] = True
             super().__init__(params, *args, **kwargs)
-            rec.optimizers.append(self)
+            rec.optimizers.append(weakref.ref(self))
             self._is_policy = len(rec.optimizers) == 1  # r2m.train builds the policy's optimiser first
 
         def step(self, closure=None):
@@ -315,12 +324,15 @@ def gpu_standins(counter: LiveBytes, rec: Recorder):
 
     with contextlib.ExitStack() as stack:
         for name, value in [
-            ("make_runtime", make_runtime), ("prepare_models", prepare_models), ("_to_host", to_host),
+            ("prepare_models", prepare_models),
             ("rollout", rollout), ("annotate_rewards", rec.phase("RM annotation", original["annotate_rewards"])),
             ("policy_update", policy_update),
             ("reward_model_update", rec.phase("RM update (GREBT)", original["reward_model_update"])),
+            ("pretrain_reward_model", rec.phase(BEFORE_RL, original["pretrain_reward_model"])),
         ]:
             stack.enter_context(patched(r2m, name, value))
+        stack.enter_context(patched(distributed, "place_models", place_models))
+        stack.enter_context(patched(devices.HostRows, "_allocate", allocate_host_rows))
         stack.enter_context(patched(torch.optim, "AdamW", AdamW))
         stack.enter_context(patched(GenerationMixin, "_has_unfinished_sequences", has_unfinished))
         yield
@@ -405,6 +417,10 @@ def plan_config(cfg: r2m.R2MConfig, output_dir: str) -> tuple[r2m.R2MConfig, int
     sim = dataclasses.replace(
         cfg, queries_per_step=N // K, total_trajectories=2 * N, policy_minibatch_size=rows, save_every=0,
         sample_every=0, resume=False, output_dir=output_dir, missing_eos_penalty=None, device="cpu",
+        # as on a GPU, where both default to on
+        bf16=True if cfg.bf16 is None else cfg.bf16,
+        gradient_checkpointing=True if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
+        pretrain_rm_epochs=1,
     )
     return sim, rows
 
@@ -447,16 +463,23 @@ def simulate(cfg: r2m.R2MConfig, build_models, prompt_tokens: int, fake: bool = 
         policy, ref_policy, rm, vocab = build_models()
         # pad 0; an EOS id outside the vocabulary is never sampled, so every response has max_new_tokens tokens
         tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=vocab + 1)
-        reward_model = runner.build_reward(sim, rm, policy, rm_view=None)
+        reward_model = runner.build_reward(sim, rm, policy)
         prompts = prompts or plan_prompts(4 * sim.queries_per_step, prompt_tokens, vocab)
+        # The Pretrained RM's fine-tuning: one minibatch of pairs whose responses are as long as any.
+        pairs = None
+        if r2m.REWARD_MODES[sim.reward].pretrain:
+            length = prompt_tokens + sim.max_new_tokens
+            pairs = tuple(r2m.pad_right([[1 + (i + j) % (vocab - 2) for j in range(length)]
+                                         for i in range(sim.pretrain_rm_batch_size)], 0) for _ in range(2))
         stack.enter_context(gpu_standins(counter, rec))
         # The RM reads the policy's token ids (rm_view=None): a chat RM's own template adds a few dozen tokens,
         # a few percent of its activations.
         with _real_prompt_choice():
-            r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, sim)
+            r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, sim, preferences=pairs)
         stack.close()
         return dict(peaks=dict(counter.peaks), held=rec.held, kv_cache_bytes=rec.kv_cache_bytes,
-                    kv_cache_dtype=rec.kv_cache_dtype, rows=sim.trajectories_per_step)
+                    kv_cache_dtype=rec.kv_cache_dtype, rows=sim.trajectories_per_step, host_peak=counter.host_peak,
+                    models_host_bytes=rec.models_host_bytes, d_policy=policy.get_output_embeddings().in_features)
 
 
 @contextlib.contextmanager
@@ -506,7 +529,7 @@ def step_peaks(result: dict, step: int) -> dict[str, int]:
 
 
 def verdict(result: dict, gpu_gib: float) -> tuple[float, str, str]:
-    peaks = {(s, p): v for (s, p), v in result["peaks"].items() if p in PHASES}
+    peaks = {(s, p): v for (s, p), v in result["peaks"].items() if p in PHASES or p == BEFORE_RL}
     (step, phase), peak = max(peaks.items(), key=lambda kv: kv[1])
     gib = peak / GiB
     line = f"predicted peak {gib:.1f} GiB of {gpu_gib:.1f} GiB (phase {phase}, step {step}): "
@@ -514,9 +537,25 @@ def verdict(result: dict, gpu_gib: float) -> tuple[float, str, str]:
     return gib, phase, line
 
 
-def report(result: dict, cfg: r2m.R2MConfig, gpu_gib: float, header: str, hidden_row_bytes: float) -> str:
+def host_plan(result: dict, cfg: r2m.R2MConfig, prompt_tokens: int) -> dict[str, int]:
+    """Host memory (CPU RAM) of one process, bytes: the models before they move to the GPU (as loaded, in the run's
+    dtypes), and a full step's hidden states in pinned memory (`devices.HostRows`, chunks as the pinned allocator
+    reserves them; ReMax also keeps its greedy responses'). The step's other CPU tensors (token ids, masks,
+    log-probs) are a few hundred MB at most."""
+    mode, algo = r2m.REWARD_MODES[cfg.reward], r2m.ALGOS[cfg.algo]
+    row = (prompt_tokens + cfg.max_new_tokens - 1, result["d_policy"])
+    dtype = torch.bfloat16 if cfg.bf16 is not False else torch.float32
+    hidden = devices.HostRows.reserved_bytes(cfg.trajectories_per_step, row, dtype) if mode.feedback else 0
+    greedy = devices.HostRows.reserved_bytes(cfg.queries_per_step, row, dtype) if mode.feedback and algo.greedy_baseline else 0
+    models = result["models_host_bytes"]
+    return dict(models=models, hidden=hidden, greedy=greedy, peak=max(models, hidden + greedy))
+
+
+def report(result: dict, cfg: r2m.R2MConfig, gpu_gib: float, header: str, prompt_tokens: int) -> str:
     g = lambda b: f"{b / GiB:6.1f}"  # noqa: E731
     lines = [header, "", f"{'phase':<26}{'step 1 peak':>12}{'step 2 peak':>12}   held at its start, step 2 (GiB)"]
+    if (0, BEFORE_RL) in result["peaks"]:
+        lines.append(f"{BEFORE_RL} (before step 1): peak {result['peaks'][(0, BEFORE_RL)] / GiB:.1f}")
     p1, p2 = step_peaks(result, 1), step_peaks(result, 2)
     for p in PHASES:
         h = result["held"].get((2, p))
@@ -527,15 +566,13 @@ def report(result: dict, cfg: r2m.R2MConfig, gpu_gib: float, header: str, hidden
     lines.append("")
     lines.append(f"KV cache at the last decoding step: {kv / GiB:.1f} GiB ({str(result['kv_cache_dtype']).replace('torch.', '')}, "
                  f"{cfg.generation_batch_size} sequences)")
-    lines.append(f"hidden states on host (pinned CPU memory, not GPU): {hidden_row_bytes * cfg.trajectories_per_step / GiB:.1f} GiB "
-                 f"for a step's {cfg.trajectories_per_step} trajectories")
+    host = host_plan(result, cfg, prompt_tokens)
+    greedy = f" + ReMax's greedy responses {host['greedy'] / GiB:.1f}" if host["greedy"] else ""
+    lines.append(f"host memory: models before they move to the GPU {host['models'] / GiB:.1f} GiB; a step's hidden states "
+                 f"{host['hidden'] / GiB:.1f} GiB pinned ({cfg.trajectories_per_step} trajectories){greedy}; "
+                 f"predicted host peak {host['peak'] / GiB:.1f} GiB")
     lines.append(verdict(result, gpu_gib)[2])
     return "\n".join(lines)
-
-
-def hidden_bytes_per_row(result: dict) -> float:
-    h = result["held"].get((2, "RM annotation"))
-    return h["host"] / result["rows"] if h else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -593,7 +630,7 @@ def parse(argv: Optional[list[str]]):
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    plan_parser = HfArgumentParser(PlanArgs, add_help=False)
+    plan_parser = HfArgumentParser(PlanArgs, add_help=False, allow_abbrev=False)  # --reward is the script's, not --reward_config
     plan, rest = plan_parser.parse_known_args(argv)
     if "-h" in argv or "--help" in argv:
         plan_parser.print_help()
@@ -638,7 +675,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     header = (
         f"memory plan: {plan.script} --preset {args.preset}, reward {cfg.reward}, policy {os.path.basename(policy_json)} "
-        f"(float32 + AdamW), reference and RM {os.path.basename(reward_json)} ({'bf16' if cfg.bf16 else 'float32'})\n"
+        f"(float32 + AdamW), reference and RM {os.path.basename(reward_json)} ({'float32' if cfg.bf16 is False else 'bf16'})\n"
         f"{cfg.queries_per_step} prompts x {cfg.group_size}, prompts {prompt_tokens} + {cfg.max_new_tokens} new tokens; "
         f"generation {cfg.generation_batch_size}, forward {cfg.forward_batch_size}, micro {cfg.micro_batch_size} "
         f"(minibatch {cfg.policy_minibatch_size}), RM minibatch {cfg.rm_minibatch_groups} groups; torch {torch.__version__}"
@@ -653,7 +690,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             f"--forward_batch_size {cfg.forward_batch_size} --micro_batch_size {cfg.micro_batch_size}"
     else:
         result = run(cfg)
-    print(report(result, cfg, plan.gpu_memory_gib, header, hidden_bytes_per_row(result)))
+    print(report(result, cfg, plan.gpu_memory_gib, header, prompt_tokens))
     return result
 
 

@@ -14,6 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import devices  # noqa: E402
 import memory_plan  # noqa: E402
 import r2m  # noqa: E402
 import tiny  # noqa: E402
@@ -63,6 +64,41 @@ def test_plan_matches_the_real_runs_live_bytes_within_5_percent(plans):
             assert abs(predicted - measured) <= 0.05 * measured, (step, phase, predicted, measured)
     for key in ("weights", "grads", "optimizer", "host"):
         assert fake["held"][(2, "generation")][key] == real["held"][(2, "generation")][key], key
+
+
+@pytest.mark.parametrize("reward", ["pretrained_rm", "r2m_full_rm"])
+def test_plan_covers_the_pretrained_rm_and_the_whole_rm_baseline(tmp_path, reward):
+    """The Pretrained RM's fine-tuning before RL, and the whole-RM baseline's GREBT step (the RM body with
+    gradients, micro-batched): predicted as the real run measures them."""
+    build = _configs(tmp_path)
+    cfg = _cfg(reward=reward, pretrain_rm_preference_file="pairs.jsonl", pretrain_rm_batch_size=4)
+    prompts = memory_plan.plan_prompts(16, PROMPT_TOKENS, 1000)
+    fake = memory_plan.simulate(cfg, build, PROMPT_TOKENS, fake=True, prompts=prompts)
+    real = memory_plan.simulate(cfg, build, PROMPT_TOKENS, fake=False, prompts=prompts)
+    phases = [memory_plan.BEFORE_RL] if reward == "pretrained_rm" else ["RM update (GREBT)"]
+    for phase in phases:
+        step = 0 if phase == memory_plan.BEFORE_RL else 2
+        predicted, measured = fake["peaks"][(step, phase)], real["peaks"][(step, phase)]
+        assert measured > 0 and abs(predicted - measured) <= 0.05 * measured, (phase, predicted, measured)
+    held = fake["held"][(2, "generation")]
+    if reward == "pretrained_rm":  # the fine-tuning's gradients and AdamW state are gone before RL
+        assert held["grads"] == 0 and held["optimizer"] == real["held"][(2, "generation")]["optimizer"]
+        assert held["optimizer"] <= 2 * 4 * sum(p.numel() for p in build()[0].parameters()) * 1.01  # the policy's only
+    else:  # the GREBT step frees the whole RM's gradients after its last update, as the policy's
+        assert held["grads"] == 0
+
+
+def test_host_memory_is_the_hidden_states_as_pinned_chunks(plans):
+    """The plan's host memory is what a real run allocates for a step's hidden states (chunks of whole rows, each
+    counted as the pinned allocator reserves it), once: no concatenated copy, no previous step's rows beside it."""
+    fake, real, _, _ = plans
+    cfg, _ = memory_plan.plan_config(_cfg(), "unused")
+    rows = devices.HostRows.reserved_bytes(cfg.trajectories_per_step, (PROMPT_TOKENS + cfg.max_new_tokens - 1, 64),
+                                           torch.bfloat16)
+    assert fake["host_peak"] == real["host_peak"] == rows
+    host = memory_plan.host_plan(fake, cfg, PROMPT_TOKENS)
+    assert host["hidden"] == rows and host["peak"] == max(host["models"], rows)
+    assert host["models"] == fake["models_host_bytes"] > 0
 
 
 def test_shortened_generation_has_the_peak_of_a_full_one(plans):
@@ -172,8 +208,7 @@ def test_fit_finds_the_largest_batch_sizes_whose_phases_fit():
 
 def test_autocast_keeps_no_bf16_copy_of_the_weights():
     """r2m's autocast region must not cache bf16 copies of float32 weights (a whole policy's worth)."""
-    rt = r2m.Runtime(device=torch.device("cpu"), autocast_dtype=torch.bfloat16, hidden_device=torch.device("cpu"),
-                     hidden_dtype=torch.bfloat16)
+    rt = devices.Runtime(device=torch.device("cpu"), autocast_dtype=torch.bfloat16)
     layer = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB float32, 2 MiB as a bf16 copy
     x = torch.randn(2, 1024)
     with torch.no_grad(), memory_plan.LiveBytes() as counter, rt.autocast():
