@@ -101,7 +101,7 @@ def measure(model: str, variant: str, settings: dict, seed: int, queue) -> None:
                         overwrite=True,  # a scratch folder: each benchmark run replaces the last
                         output_dir=os.path.join(settings["output_dir"], variant))
     params_p, params_r = count_params(policy), count_params(rm)
-    reward_model = runner.build_reward(cfg, rm, policy, rm_view=None)
+    reward_model = runner.build_reward(cfg, rm, policy)
     if torch.cuda.is_available() and settings["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
     history = r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
@@ -190,20 +190,26 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")  # fresh interpreter per measurement: clean peak memory, no CUDA-after-fork
     results: dict[str, list[dict]] = {v: [] for v in variants}
+    failed: dict[str, str] = {}
     for rep in range(settings["repeats"]):
-        for v in variants:  # alternate variants so machine noise hits all of them alike
+        for v in [v for v in variants if v not in failed]:  # alternate variants so machine noise hits all alike
             queue = ctx.Queue()
             proc = ctx.Process(target=measure, args=(model, VARIANTS[v], settings, 0, queue))
             proc.start()
             proc.join()  # the child puts one small dict: it cannot block on a full pipe
-            if proc.exitcode != 0 or queue.empty():
-                raise SystemExit(f"error: the {v} measurement failed (exit code {proc.exitcode}); see its traceback above")
+            if proc.exitcode != 0 or queue.empty():  # e.g. out of memory: the other variants still get measured
+                failed[v] = f"failed (exit code {proc.exitcode}; its traceback is above)"
+                print(f"[{rep + 1}/{settings['repeats']}] {v:9s} {failed[v]}", flush=True)
+                continue
             result = queue.get()
             results[v].append(result)
             print(f"[{rep + 1}/{settings['repeats']}] {v:9s} step {result['step']:.3f}s, "
                   f"peak {result['peak_bytes'] / 2**30:.2f} GiB", flush=True)
-
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in PHASES + ["step", "peak_bytes"]} for v, rs in results.items()}
+    if "vanilla" in failed or "r2m" in failed:
+        raise SystemExit("error: " + "; ".join(f"the {v} measurement {why}" for v, why in failed.items()))
+    variants = [v for v in variants if v not in failed]
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in PHASES + ["step", "peak_bytes"]}
+           for v, rs in results.items() if v not in failed}
     first = results["vanilla"][0]
     N = settings["queries_per_step"] * settings["group_size"]
     tokens = N * (settings["prompt_tokens"] + settings["max_new_tokens"])
@@ -230,6 +236,8 @@ def main() -> None:
           f"by the R2M step: {total_ideal / med['r2m']['step']:.1%}")
     mfu = settings.get("policy_epochs", 2) * 6 * first["params_policy"] * tokens / med["r2m"]["policy"] / flops
     print(f"policy-update MFU (6·params·tokens / time / measured peak {dtype} matmul rate): {mfu:.1%}")
+    for v, why in failed.items():
+        print(f"{v}: {why}")
     print(f"r2m/vanilla step time ratio: {med['r2m']['step'] / med['vanilla']['step']:.2f}, "
           f"peak memory ratio: {med['r2m']['peak_bytes'] / med['vanilla']['peak_bytes']:.2f}")
 
