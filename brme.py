@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import distributed
-from devices import Runtime
-from r2m import FrozenRewardBody, R2MConfig, float32_only, reward_token_embeddings
+from plumbing import distributed
+from plumbing.devices import Runtime, float32_only
+from r2m import FrozenRewardBody, R2MConfig
 
 
 def gaussian_bradley_terry_loss(
@@ -42,6 +42,23 @@ def robust_reward(mu: torch.Tensor, sigma: torch.Tensor, lam: float) -> torch.Te
     nominal = mu.gather(1, sigma.argmin(dim=1, keepdim=True)).squeeze(1)  # (B,)
     worst = mu.min(dim=1).values  # (B,)
     return (1 - lam) * nominal + lam * worst
+
+
+@torch.no_grad()
+def reward_token_embeddings(reward_model, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, rt: Runtime) -> torch.Tensor:
+    """Right-padded RM inputs (M, S) -> H_last (M, D_rm) in float32 on the device, `batch_size` rows at a time, each
+    batch cut to its own longest row (preference pairs for the fits before RL)."""
+    # --- distributed: each process embeds an equal share (the last row repeated to fill it) and all get every row ---
+    rank, world_size = distributed.rank_and_world_size()
+    M = ids.shape[0]
+    share = -(-M // world_size)
+    rows_here = torch.arange(rank * share, (rank + 1) * share).clamp_max(M - 1)
+    out = []
+    for rows in rows_here.split(batch_size):
+        L = int(mask[rows].sum(1).max())
+        with rt.autocast():
+            out.append(reward_model.reward_token_embedding(ids[rows, :L].to(rt.device), mask[rows, :L].to(rt.device)).float())
+    return distributed.gather_rows(torch.cat(out))[:M]
 
 
 class BRMEReward(FrozenRewardBody):
@@ -93,7 +110,7 @@ class BRMEReward(FrozenRewardBody):
     def fit_before_rl(self, chosen: tuple[torch.Tensor, torch.Tensor], rejected: tuple[torch.Tensor, torch.Tensor],
                       cfg: R2MConfig, rt: Runtime) -> str:
         """Fit the heads on preference pairs (ids, mask) (M, S) in the RM's view, before RL; one line to print.
-        The frozen body runs once per response (`r2m.reward_token_embeddings`; under torchrun each process
+        The frozen body runs once per response (`reward_token_embeddings`; under torchrun each process
         embeds a share), then every process fits the same heads and keeps rank 0's."""
         chosen_rte = reward_token_embeddings(self, *chosen, cfg.forward_batch_size, rt)  # (M, D_rm)
         rejected_rte = reward_token_embeddings(self, *rejected, cfg.forward_batch_size, rt)

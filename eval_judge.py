@@ -40,10 +40,9 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-import devices
 import r2m
-import runner
-from api_client import ChatClient, JudgeFailed, api_key
+from launch.api_client import ChatClient, JudgeFailed, api_key
+from plumbing import data, devices
 
 # ----------------------------------------------------------------------------------------------------
 # Flags
@@ -233,7 +232,7 @@ class HFJudge:
     def __call__(self, prompt: str, a: str, b: str) -> dict:
         text = self.template.format(prompt=prompt, a=a, b=b) + " The two differ.\nPreferred:"
         context = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids, mask = r2m.pad_right([context + option for option in self.options], r2m.pad_token_id(self.tokenizer))
+        ids, mask = data.pad_right([context + option for option in self.options], data.pad_token_id(self.tokenizer))
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)  # (2, S, V); position s predicts token s+1
         scores = []
@@ -260,8 +259,8 @@ class RewardScorer:
         self.device, self.args = device, args
         self.rm_tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
         rm = AutoModelForSequenceClassification.from_pretrained(args.judge_model, num_labels=1).to(device).eval()
-        render = runner.chat_render(self.rm_tokenizer) if args.task != "tldr" else None
-        self.rm_view = r2m.make_rm_view(self.rm_tokenizer, render)
+        render = data.chat_render(self.rm_tokenizer) if args.task != "tldr" else None
+        self.rm_view = data.make_rm_view(self.rm_tokenizer, render)
         self.policy = None
         if args.r2m_checkpoint:
             state = torch.load(os.path.join(args.r2m_checkpoint, "state.pt"), map_location="cpu", weights_only=False)
@@ -285,15 +284,15 @@ class RewardScorer:
         eos = self.policy_tokenizer.eos_token_id
         seqs = [p + self.policy_tokenizer(r, add_special_tokens=False)["input_ids"] + [eos]
                 for p, r in zip(policy_prompts, responses)]
-        ids, mask = r2m.pad_left(seqs, r2m.pad_token_id(self.policy_tokenizer))
+        ids, mask = data.pad_left(seqs, data.pad_token_id(self.policy_tokenizer))
         return r2m.policy_hidden_states(self.policy, ids.to(self.device), mask.to(self.device))
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], policy_prompts: Optional[list[list[int]]] = None) -> torch.Tensor:
         """(B,) rewards. Without `policy_prompts` (the prompts in the policy's tokens): the vanilla RM's own
         reward; with them (needs an R2M checkpoint): R2M's reward with the policy's feedback at ω(T)."""
-        ids, mask = r2m.pad_right([self.rm_view(p, r) for p, r in zip(prompts, responses)],
-                                  r2m.pad_token_id(self.rm_tokenizer))
+        ids, mask = data.pad_right([self.rm_view(p, r) for p, r in zip(prompts, responses)],
+                                  data.pad_token_id(self.rm_tokenizer))
         rte = self.model.reward_token_embedding(ids.to(self.device), mask.to(self.device))
         if policy_prompts is None:
             return self.model.rewards_from_embedding(rte).cpu()
@@ -340,12 +339,12 @@ def drop_cut_last_line(path: str) -> None:
     warning; its example is judged again) so that the file reads and the next append starts on a fresh line.
     A bad line anywhere else is still an error, from read_jsonl."""
     with open(path, "rb") as f:
-        data = f.read()
-    body = data.rstrip(b"\n")
+        content = f.read()
+    body = content.rstrip(b"\n")
     start = body.rfind(b"\n") + 1  # where the last non-empty line begins
     try:
         json.loads(body[start:] or b"{}")
-        if data and not data.endswith(b"\n"):  # a whole record without its newline: complete the line
+        if content and not content.endswith(b"\n"):  # a whole record without its newline: complete the line
             with open(path, "ab") as f:
                 f.write(b"\n")
         return
@@ -378,7 +377,7 @@ def read_references(path: str) -> dict[str, str]:
         raise SystemExit(f"error: reference file {path} is empty")
     if any(key not in r or value not in r for r in rows):
         raise SystemExit(f"error: every row of {path} needs '{key}' and '{value}'")
-    return {str(r[key]): runner.response_text(r[value]) for r in rows}
+    return {str(r[key]): data.response_text(r[value]) for r in rows}
 
 
 def check_responses(rows: list[dict], source: str) -> None:
@@ -413,12 +412,8 @@ def attach_references(rows: list[dict], references: Optional[dict[str, str]], so
 def policy_prompt_fn(task: str, tokenizer, max_prompt_tokens: int) -> Callable[[str], list[int]]:
     """How the policy reads a prompt: TL;DR as in train_tldr.py, dialogue through its chat template."""
     if task == "tldr":
-        from train_tldr import tokenize_prompt
-
-        return lambda text: tokenize_prompt(tokenizer, text, max_prompt_tokens)
-    from train_ultrafeedback import chat_prompt_ids
-
-    return lambda text: chat_prompt_ids(tokenizer, text)
+        return lambda text: data.tokenize_prompt(tokenizer, text, max_prompt_tokens)
+    return lambda text: data.chat_prompt_ids(tokenizer, text)
 
 
 def default_generator_name(policy: str) -> str:
@@ -440,7 +435,7 @@ class Generator:
             self.policy = AutoModelForCausalLM.from_pretrained(args.policy).to(device).eval()
         except Exception as e:  # noqa: BLE001
             raise SystemExit(f"error: could not load policy {args.policy!r}: {type(e).__name__}: {e}")
-        self.pad, self.eos = r2m.pad_token_id(self.tokenizer), self.tokenizer.eos_token_id
+        self.pad, self.eos = data.pad_token_id(self.tokenizer), self.tokenizer.eos_token_id
         sampling = (dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.temperature > 0
                     else dict(do_sample=False))
         self.config = GenerationConfig(max_new_tokens=args.max_new_tokens, pad_token_id=self.pad, eos_token_id=self.eos,
@@ -453,7 +448,7 @@ class Generator:
         """One response text per prompt (given in the policy's token ids)."""
         texts = []
         for s in tqdm(range(0, len(prompts), self.batch_size), desc=desc):
-            ids, mask = r2m.pad_left(prompts[s : s + self.batch_size], self.pad)  # (B, S) each
+            ids, mask = data.pad_left(prompts[s : s + self.batch_size], self.pad)  # (B, S) each
             seqs = self.policy.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                         generation_config=self.config)
             responses, resp_mask = r2m.truncate_after_eos(seqs[:, ids.shape[1] :].cpu(), self.eos, self.pad)
@@ -564,12 +559,12 @@ def load_eval_rows(args: EvalArgs) -> list[dict]:
     ref_col = args.reference_column or d["reference_column"]
     need_reference = not args.references and args.judge != "none"
     columns = [args.prompt_column] + ([ref_col] if need_reference else [])
-    data = runner.load_rows(dataset, split, columns)[: args.limit]
+    rows_in = data.load_rows(dataset, split, columns)[: args.limit]
     rows = []
-    for i, row in enumerate(data):
+    for i, row in enumerate(rows_in):
         rows.append({"id": str(i), "prompt": str(row[args.prompt_column])})
         if ref_col in row and row[ref_col] is not None and not args.references:
-            rows[-1]["reference"] = runner.response_text(row[ref_col])
+            rows[-1]["reference"] = data.response_text(row[ref_col])
         if args.task == "alpaca_eval" and row.get("dataset") is not None:
             rows[-1]["dataset"] = row["dataset"]
     return rows
@@ -766,7 +761,7 @@ def run_mt_bench(args: EvalArgs) -> dict:
 def run_rm_accuracy(args: EvalArgs) -> dict:
     if not args.preference_file:
         raise SystemExit("error: --mode rm_accuracy needs --preference_file (prompt, chosen, rejected)")
-    rows = runner.load_rows(args.preference_file, args.dataset_split or "train", ["prompt", "chosen", "rejected"])[: args.limit]
+    rows = data.load_rows(args.preference_file, args.dataset_split or "train", ["prompt", "chosen", "rejected"])[: args.limit]
     device = devices.resolve_device(args.device)
     scorer = RewardScorer(args, device)
     pp = policy_prompt_fn(args.task, scorer.policy_tokenizer, args.max_prompt_tokens) if scorer.policy is not None else None
@@ -774,8 +769,8 @@ def run_rm_accuracy(args: EvalArgs) -> dict:
     for s in tqdm(range(0, len(rows), args.batch_size), desc="rm accuracy"):
         batch = rows[s : s + args.batch_size]
         prompts = [str(r["prompt"]) for r in batch]
-        chosen = [runner.response_text(r["chosen"]) for r in batch]
-        rejected = [runner.response_text(r["rejected"]) for r in batch]
+        chosen = [data.response_text(r["chosen"]) for r in batch]
+        rejected = [data.response_text(r["rejected"]) for r in batch]
         correct["vanilla"] += int((scorer.score(prompts, chosen) > scorer.score(prompts, rejected)).sum())
         if pp is not None:
             pol = [pp(p) for p in prompts]

@@ -22,8 +22,13 @@ This file reads in the order of the paper's Algorithm 1:
     §4 one training step           1 `rollout` (sampling + old/ref log-probs + hidden states; ReMax's
                                    `greedy_baseline`)  2 `annotate_rewards`  3 `compute_advantages` (`ALGOS`)
                                    4 `policy_update`  5 `reward_model_update` (GREBT)
-    §5 the loop                    `train` (tqdm, JSON-lines metrics, diagnostics; checkpoint files and
-                                   resuming live in `checkpoints.py`, multi-GPU helpers in `distributed.py`)
+    §5 the loop                    `train` (set-up, the steps, metrics and diagnostics, checkpoints)
+
+What the loop leans on but is not the algorithm lives in plumbing/ (imported below, never importing this file):
+checkpoints and metrics files, resuming, non-finite guards (`plumbing.checkpoints`), N processes
+(`plumbing.distributed`: the lines marked `--- distributed`), devices, precision and host memory
+(`plumbing.devices`), batches and the RM's view of a trajectory (`plumbing.data`), console output
+(`plumbing.reporting`) and flag ranges (`plumbing.flag_ranges`).
 
 Departures from the textbook algorithm, each a "Choice:" written again where it is made:
 - The RM body is frozen, so a sample's reward-token embedding H_last does not change within a step. We
@@ -31,22 +36,19 @@ Departures from the textbook algorithm, each a "Choice:" written again where it 
 - The same clipped surrogate and in-loss k3 KL for RLOO and GRPO; only the advantage estimator differs.
 - Loss aggregation: mean over response tokens per sequence, then mean over sequences.
 - Trainable weights (policy, cross-attention, score head) are kept in float32 and run under bf16
-  autocast on GPU; frozen models (reference policy, RM body) are stored in bf16 there.
+  autocast with --bf16 (the default on GPU); frozen models (reference policy, RM body) are stored in bf16 then.
 - Dropout is switched off in every model: the PPO ratio must be exactly 1 before the first update.
 
 Single-GPU command (Pythia-2.8B on TL;DR, the paper's settings):  python train_tldr.py
 Tiny offline run on CPU (< 2 minutes):                           python train_tldr.py --preset tiny
-Several GPUs (data-parallel, FSDP2; see distributed.py):          torchrun --nproc_per_node 8 train_tldr.py
+Several GPUs (data-parallel, FSDP2; plumbing/distributed.py):   torchrun --nproc_per_node 8 train_tldr.py
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -58,18 +60,25 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
-import devices  # where tensors live and in what precision: device, bf16, host memory for hidden states
-import distributed  # --- distributed: FSDP2 / torchrun helpers, each a no-op on one process ---
-from devices import HostRows, Runtime
-from checkpoints import (  # checkpoint files and resuming: plumbing of the loop, kept out of the algorithm's way
+# plumbing/: what the loop leans on, none of it the algorithm. devices: where tensors live and in what precision;
+# distributed: FSDP2 / torchrun helpers, each a no-op on one process; data: batches and the RM's view of a trajectory
+# checkpoints: checkpoint and metrics files, resuming, non-finite guards; reporting: what the console shows
+from plumbing import devices, distributed, flag_ranges, reporting
+from plumbing.checkpoints import (
     CHECKPOINT_DIR,
+    NonFiniteStreak,
+    SkipNonFiniteSteps,
     TrainingError,
-    _metric_step,
+    append_metrics,
     check_output_dir,
+    delete_checkpoints,
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    start_metrics,
 )
+from plumbing.data import RMView, pad_left, pad_token_id, rm_inputs, step_prompt_indices
+from plumbing.devices import HostRows, Runtime
 
 # ----------------------------------------------------------------------------------------------------
 # §1 Config
@@ -194,23 +203,20 @@ class R2MConfig:
 
     def validate(self) -> None:
         """Reject settings that cannot work, with a message that says what to change."""
-        if self.algo not in ALGOS:
-            raise ValueError(f"--algo must be one of {sorted(ALGOS)}, got {self.algo!r}")
-        if self.reward not in REWARD_MODES:
-            raise ValueError(f"--reward must be one of {sorted(REWARD_MODES)}, got {self.reward!r}")
-        # Every number's range first (the size arithmetic below divides by some). `not lo <= x` also rejects NaN.
-        at_least = dict(total_trajectories=1, queries_per_step=1, max_new_tokens=1, policy_epochs=1,
-                        policy_minibatch_size=1, micro_batch_size=1, d_attn=1, rm_minibatch_groups=1, brme_heads=1,
-                        brme_epochs=1, generation_batch_size=1, forward_batch_size=1, save_every=0, sample_every=0,
-                        max_nonfinite_steps=1, rm_epochs=1, pretrain_rm_epochs=1, pretrain_rm_batch_size=1,
-                        pretrain_rm_lr=0.0, policy_lr=0.0, rm_lr=0.0, brme_lr=0.0, clip_eps=0.0, beta=0.0,
-                        brme_sigma_prior=0.0, max_grad_norm=0.0, temperature=0.0)
-        for name, lowest in at_least.items():
-            value, strict = getattr(self, name), name in ("max_grad_norm", "temperature")
-            if not (lowest < value if strict else lowest <= value) or not value < math.inf:
-                raise ValueError(f"--{name} must be a finite number {'>' if strict else '>='} {lowest:g}, got {value}")
-        if self.group_size < 1:
-            raise ValueError(f"--group_size must be at least 1, got {self.group_size}")
+        # Every flag's range first (the size arithmetic below divides by some), then how the flags fit together.
+        flag_ranges.check_ranges(
+            self, choices=dict(algo=ALGOS, reward=REWARD_MODES, grebt_pairs=("fresh", "annotated"),
+                               lr_schedule=("linear", "constant")),
+            at_least=dict(total_trajectories=1, queries_per_step=1, group_size=1, max_new_tokens=1, policy_epochs=1,
+                          policy_minibatch_size=1, micro_batch_size=1, d_attn=1, rm_minibatch_groups=1, brme_heads=1,
+                          brme_epochs=1, generation_batch_size=1, forward_batch_size=1, save_every=0, sample_every=0,
+                          max_nonfinite_steps=1, rm_epochs=1, pretrain_rm_epochs=1, pretrain_rm_batch_size=1,
+                          pretrain_rm_lr=0.0, policy_lr=0.0, rm_lr=0.0, brme_lr=0.0, clip_eps=0.0, beta=0.0,
+                          brme_sigma_prior=0.0),
+            more_than=dict(max_grad_norm=0.0, temperature=0.0),
+            within=dict(alpha=(0.0, 1.0), omega_floor=(0.0, 1.0), brme_lambda=(0.0, 1.0)),
+            finite_or_none=("missing_eos_penalty",),
+        )
         if self.group_size < ALGOS[self.algo].min_group_size:
             raise ValueError(f"--group_size must be at least 2 for --algo {self.algo} (leave-one-out / group std), "
                              f"got {self.group_size}")
@@ -220,33 +226,15 @@ class R2MConfig:
         if REWARD_MODES[self.reward].pretrain and not self.pretrain_rm_preference_file:
             raise ValueError(f"--reward {self.reward} needs --pretrain_rm_preference_file (JSON lines: prompt, chosen, rejected)")
         if self.total_steps < 1:
-            raise ValueError(
-                f"--total_trajectories {self.total_trajectories} is less than one step of "
-                f"{self.trajectories_per_step} (= queries_per_step x group_size)"
-            )
+            raise ValueError(f"--total_trajectories {self.total_trajectories} is less than one step of "
+                             f"{self.trajectories_per_step} (= queries_per_step x group_size)")
         if self.trajectories_per_step % self.policy_minibatch_size:
-            raise ValueError(
-                f"--policy_minibatch_size {self.policy_minibatch_size} must divide n*K = {self.trajectories_per_step}"
-            )
+            raise ValueError(f"--policy_minibatch_size {self.policy_minibatch_size} must divide n*K = {self.trajectories_per_step}")
         if self.policy_minibatch_size % self.micro_batch_size:
-            raise ValueError(
-                f"--micro_batch_size {self.micro_batch_size} must divide --policy_minibatch_size "
-                f"{self.policy_minibatch_size}"
-            )
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"--alpha must lie in [0, 1], got {self.alpha}")
-        if not 0.0 <= self.omega_floor <= 1.0:
-            raise ValueError(f"--omega_floor must lie in [0, 1], got {self.omega_floor}")
-        if not 0.0 <= self.brme_lambda <= 1.0:
-            raise ValueError(f"--brme_lambda must lie in [0, 1], got {self.brme_lambda}")
-        if self.grebt_pairs not in ("fresh", "annotated"):
-            raise ValueError(f"--grebt_pairs must be 'fresh' or 'annotated', got {self.grebt_pairs!r}")
-        if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
-            raise ValueError(f"--missing_eos_penalty must be finite, got {self.missing_eos_penalty}")
+            raise ValueError(f"--micro_batch_size {self.micro_batch_size} must divide --policy_minibatch_size "
+                             f"{self.policy_minibatch_size}")
         if self.resume and self.overwrite:
             raise ValueError("--resume true and --overwrite true exclude each other: continue the run, or replace it")
-        if self.lr_schedule not in ("linear", "constant"):
-            raise ValueError(f"--lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -495,14 +483,6 @@ class PolicyFeedbackAttention(nn.Module):
         return self.W_o(attended)  # (B, D_rm)
 
 
-def float32_only(x: torch.Tensor):
-    """Autocast off around the reward head (the cross-attention, the Eq. 4 blend and φ).
-    Choice: rewards are computed in float32 even when the frozen bodies run in bf16. bf16 has ~3 significant
-    digits (a step of ≈ 0.016 at |r| ≈ 3), enough to reorder a group's rewards, which moves RLOO advantages
-    and GREBT's argmax / argmin pair."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, S) -> (B, S). With left padding the first real token must get position 0, as generate() does;
     a plain forward would number from the first pad instead and see a shifted sequence."""
@@ -621,7 +601,7 @@ class R2MRewardModel(FrozenRewardBody):
 
         φ is linear, so the reward splits along Eq. 4: φ(H_fin) = (1 - ω)·w·Ĥ + ω·w·H_last + b, where the
         first term is what the policy-feedback path contributes (zero without feedback or at ω = 1)."""
-        with float32_only(rte):
+        with devices.float32_only(rte):
             rte = rte.float()
             if h is None or omega == 1.0:
                 # no feedback (vanilla / iterative head), or ω = 1: H_fin = H_last exactly
@@ -773,35 +753,6 @@ class Rollout:
     feedback_reward: Optional[torch.Tensor] = None  # (N,) the policy-feedback part of each reward, likewise
 
 
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad id, or its EOS id when it has none (masks, not pad ids, decide what is real)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists -> ids (B, L), mask (B, L). Left padding so every prompt ends at column L-1 and
-    generation continues right after it."""
-    L = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), L), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, L - len(s) :] = 1
-    return ids, mask
-
-
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists -> ids (B, L), mask (B, L)."""
-    L = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), L), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """responses (B, R) -> (responses with pad after the first EOS, mask (B, R) 1 up to and including EOS)."""
     R = responses.shape[1]
@@ -864,40 +815,6 @@ def policy_hidden_states(policy: nn.Module, input_ids: torch.Tensor, attention_m
     return cap.hidden[:, :-1], hidden_state_mask(attention_mask)
 
 
-@contextlib.contextmanager
-def own_generation_config(model: nn.Module):
-    """Generate with only the settings we pass. transformers fills every generation field we leave unset
-    from the model's own generation_config.json (Qwen2.5-Instruct ships repetition_penalty=1.05, others
-    top_k / top_p / no_repeat_ngram_size ...): each would change the distribution sampled from without
-    entering the log-probs that the PPO ratio divides by. So the model's config is swapped for a blank one
-    while generating."""
-    from transformers import GenerationConfig
-
-    saved = model.generation_config
-    model.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        model.generation_config = saved
-
-
-RMView = Callable[[str, str], list[int]]  # (prompt text, response text) -> the RM's token ids
-
-
-def make_rm_view(rm_tokenizer, render: Optional[Callable[[str, str], str]] = None) -> RMView:
-    """How the RM reads a trajectory when it does not share the policy's tokenizer: the raw prompt text and
-    the decoded response text, rendered by `render(prompt, response) -> text` (e.g. the RM's chat template)
-    and tokenised by the RM's own tokenizer. Default render: prompt + response, then the RM's EOS token."""
-
-    def rm_view(prompt: str, response: str) -> list[int]:
-        if render is not None:
-            return rm_tokenizer(render(prompt, response), add_special_tokens=False)["input_ids"]
-        ids = rm_tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
-        return ids + ([rm_tokenizer.eos_token_id] if rm_tokenizer.eos_token_id is not None else [])
-
-    return rm_view
-
-
 def generate_responses(
     policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, tokenizer, cfg: R2MConfig, rt: Runtime,
     greedy: bool = False, capture: Optional[GenerationStateCapture] = None,
@@ -919,7 +836,7 @@ def generate_responses(
         mask = query_mask[s : s + cfg.generation_batch_size].to(rt.device)
         # --- distributed: gather a sharded policy once per generate() call, not once per token ---
         with rt.autocast(), distributed.gathered_for_generation(policy), devices.generation_weights(policy, rt.autocast_dtype), \
-                own_generation_config(policy), (capture or contextlib.nullcontext()):
+                devices.own_generation_config(policy), (capture or contextlib.nullcontext()):
             out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
         resp = out[:, P:]  # (b, R') with R' <= R: generation stops once every row has hit EOS
         resp = F.pad(resp, (0, R - resp.shape[1]), value=pad_id)  # (b, R)
@@ -927,26 +844,6 @@ def generate_responses(
         if capture is not None:
             capture.end_batch(torch.arange(s, s + len(ids)))
     return truncate_after_eos(torch.cat(responses), eos_id, pad_id)  # (N, R) each
-
-
-def rm_inputs(tokenizer, query_responses: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
-              response_mask: torch.Tensor, row_prompt_texts: Optional[list[str]], rm_view: Optional[RMView],
-              rm_pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RM's view of each trajectory -> ids (N, S_rm), mask (N, S_rm): the same token ids when policy and RM
-    share a tokenizer, otherwise the raw prompt text and the decoded response, re-tokenised by the RM (in its
-    own chat template). row_prompt_texts: the raw prompt of each row."""
-    if rm_view is None:
-        return query_responses, attention_mask
-    texts = tokenizer.batch_decode(
-        [response_ids[i][response_mask[i].bool()] for i in range(len(response_ids))], skip_special_tokens=True
-    )
-    return pad_right([rm_view(row_prompt_texts[i], texts[i]) for i in range(len(texts))], rm_pad_id)
-
-
-def host_rows(rows: int, positions: int, policy: nn.Module, rt: Runtime) -> HostRows:
-    """Host memory for `rows` trajectories' hidden states, (positions, D_p) each, in the step's hidden dtype."""
-    d_policy = policy.get_output_embeddings().in_features
-    return HostRows(rows, (positions, d_policy), rt.hidden_dtype, pin=rt.pin_memory)
 
 
 @torch.no_grad()
@@ -978,7 +875,7 @@ def rollout(
 
     # Old and reference log-probs. The policy's forward here also yields its hidden states via the hook; they go
     # to host memory, one row per trajectory (the last position predicts nothing: P+R-1 positions).
-    hidden = host_rows(len(queries), query_responses.shape[1] - 1, policy, rt) if capture_hidden else None
+    hidden = HostRows.for_policy(len(queries), query_responses.shape[1] - 1, policy, rt) if capture_hidden else None
     old, ref = [], []
     for s in range(0, len(queries), cfg.forward_batch_size):
         qr = query_responses[s : s + cfg.forward_batch_size].to(rt.device)
@@ -1022,7 +919,7 @@ def greedy_baseline(
     policy.eval()
     query_ids, query_mask = pad_left(prompts, pad_token_id(tokenizer))  # (n, P)
     positions = query_ids.shape[1] + cfg.max_new_tokens - 1
-    capture = GenerationStateCapture(policy, host_rows(len(prompts), positions, policy, rt)) if mode.feedback else None
+    capture = GenerationStateCapture(policy, HostRows.for_policy(len(prompts), positions, policy, rt)) if mode.feedback else None
     response_ids, response_mask = generate_responses(policy, query_ids, query_mask, tokenizer, cfg, rt,
                                                      greedy=True, capture=capture)  # (n, R)
     query_responses = torch.cat([query_ids, response_ids], dim=1)  # (n, P+R)
@@ -1072,23 +969,6 @@ def annotate_rewards(reward_model, ro: Rollout, omega_t: float, mode: RewardMode
     ro.reward_token_embedding = torch.cat(rtes)  # (N, D_rm), stays on the compute device: it is small
     ro.feedback_reward = torch.cat(feedback_parts)  # (N,) (1 - ω)·w·Ĥ, for the diagnostics
     return torch.cat(rewards)
-
-
-@torch.no_grad()
-def reward_token_embeddings(reward_model, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, rt: Runtime) -> torch.Tensor:
-    """Right-padded RM inputs (M, S) -> H_last (M, D_rm) in float32 on the device, `batch_size` rows at a time, each
-    batch cut to its own longest row (preference pairs for the fits before RL)."""
-    # --- distributed: each process embeds an equal share (the last row repeated to fill it) and all get every row ---
-    rank, world_size = distributed.rank_and_world_size()
-    M = ids.shape[0]
-    share = -(-M // world_size)
-    rows_here = torch.arange(rank * share, (rank + 1) * share).clamp_max(M - 1)
-    out = []
-    for rows in rows_here.split(batch_size):
-        L = int(mask[rows].sum(1).max())
-        with rt.autocast():
-            out.append(reward_model.reward_token_embedding(ids[rows, :L].to(rt.device), mask[rows, :L].to(rt.device)).float())
-    return distributed.gather_rows(torch.cat(out))[:M]
 
 
 @dataclass(frozen=True)
@@ -1247,30 +1127,6 @@ def reward_model_update(
 # ----------------------------------------------------------------------------------------------------
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Choice: dropout off in every model. PPO's ratio π_θ/π_old must be exactly 1 before the first update.
-
-    Not only `nn.Dropout` modules: Hugging Face attention layers keep their dropout rate as a plain float
-    (GPT-NeoX's and Llama's `attention_dropout`) handed to the attention kernel in train mode, and some read
-    it from the config at run time, so every float attribute named "*dropout*" of a module or a config is
-    zeroed too."""
-
-    def zero_dropout_floats(obj) -> None:
-        for name, value in list(vars(obj).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(obj, name, 0.0)
-
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0
-        zero_dropout_floats(module)
-        if hasattr(module, "config") and module.config is not None:
-            for config in (module.config, *(getattr(module.config, k) for k in vars(module.config)
-                                             if k.endswith("_config") and getattr(module.config, k) is not None)):
-                if hasattr(config, "__dict__"):
-                    zero_dropout_floats(config)
-
-
 def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, rt: Runtime,
                    fine_tune_body: bool = False) -> None:
     """Dropout off, dtypes, what trains: done where the models were loaded, before they are placed on the device
@@ -1281,8 +1137,8 @@ def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Mo
     body are stored in bf16 with --bf16, their parameters only (`devices.cast_parameters`: the rotary frequencies
     stay float32). fine_tune_body: the Pretrained-RM baseline trains the RM body before RL, in float32 until then."""
     for m in (policy, ref_policy, reward_model):
-        disable_dropout(m)
-    for p in policy.parameters():  # float32 masters; LoRA (lora.py): the frozen base is stored like the reference
+        devices.disable_dropout(m)
+    for p in policy.parameters():  # float32 masters; LoRA (plumbing/lora.py): the frozen base like the ref
         p.data = p.data.to(torch.float32 if p.requires_grad else rt.frozen_dtype)
     devices.cast_parameters(ref_policy, rt.frozen_dtype)
     ref_policy.eval().requires_grad_(False)
@@ -1294,39 +1150,6 @@ def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Mo
     if rt.gradient_checkpointing:
         devices.checkpoint_activations(policy)
         policy.config.use_cache = True  # generation still uses the KV cache (checkpointing only in train mode)
-
-
-def step_prompt_indices(num_prompts: int, n: int, step: int, seed: int) -> list[int]:
-    """Choice: step `step` takes the next n prompts of seeded permutations of the data set, one per pass.
-    Deterministic in (seed, step), so a resumed run sees the prompts it would have seen."""
-    out: list[int] = []
-    while len(out) < n:
-        epoch, offset = divmod(step * n + len(out), num_prompts)
-        perm = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        take = min(n - len(out), num_prompts - offset)
-        out.extend(perm[offset : offset + take].tolist())
-    return out
-
-
-class SkipNonFiniteSteps:
-    """An optimiser whose step is skipped, and counted, when its gradients are not all finite: one NaN step would
-    poison the weights and every later checkpoint. All else is the wrapped optimiser's."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer, self.skipped = optimizer, 0
-
-    def __getattr__(self, name):
-        return getattr(self.optimizer, name)
-
-    def step(self) -> None:
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        # Asked as "any non-finite?" so that a fake-tensor run (benchmarks/memory_plan.py reads every bool as False)
-        # takes the step, as a healthy run does.
-        if grads and bool(~torch.isfinite(torch.nn.utils.get_total_norm(grads))):
-            self.skipped += 1
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
 
 
 @torch.no_grad()
@@ -1345,19 +1168,6 @@ def feedback_diagnostics(reward_model, feedback_init: Optional[list], feedback_r
         "feedback/attn_rel_change": (delta / origin).item(),
         "feedback/reward_var_share": (feedback_reward.var() / rewards.var().clamp_min(1e-12)).item(),
     }
-
-
-def append_metrics(path: str, record: dict) -> None:
-    """One line of metrics.jsonl. Strict JSON: a non-finite value is written as null."""
-    with open(path, "a") as f:
-        f.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()})
-                + "\n")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
 
 
 def train(
@@ -1382,7 +1192,7 @@ def train(
     tokenizer (it then reads the policy's token ids), else `make_rm_view(rm_tokenizer, ...)`.
     on_step(step, rollout, rewards (N,)) -> dict: extra metrics for the step's record (e.g. a gold reward in
     a controlled experiment); called after the step's updates.
-    tracker: None, or an experiment tracker (`tracking.py`: TensorBoard / W&B); `tracker.log(record, samples)`
+    tracker: None, or an experiment tracker (`launch/tracking.py`: TensorBoard / W&B); `tracker.log(record, samples)`
     gets each step's metrics record and the (prompt, response, reward) samples printed at that step, if any.
     preferences: (chosen (ids, mask), rejected (ids, mask)), (M, S) each in the RM's view: the pairs that the
     Pretrained RM (`--reward pretrained_rm`) and BRME (`--reward brme`) are fitted on before RL (not on resume)."""
@@ -1399,14 +1209,13 @@ def train(
     # minibatches cut to match (`rank_cfg`); on one process rank = 0, world_size = 1 and rank_cfg is cfg ---
     rank, world_size = distributed.rank_and_world_size()
     rank_cfg = distributed.per_rank_config(cfg, world_size, train_body=mode.train_body, pretrain=mode.pretrain)
-    main_process = distributed.is_main_process()
     resuming = cfg.resume and has_checkpoint(cfg.output_dir)
     fit_before_rl = (mode.pretrain or mode.ensemble) and not resuming  # a resumed run has them in its checkpoint
     if fit_before_rl and preferences is None:
         raise ValueError(f"--reward {cfg.reward} is fitted on preference pairs before RL: pass preferences")
 
     # --- seeding (sampling differs per rank: seed + rank) -----------------------------------------------
-    seed_everything(cfg.seed + rank)
+    devices.seed_everything(cfg.seed + rank)
     rt = devices.make_runtime(cfg)
     prepare_models(policy, ref_policy, reward_model, rt, fine_tune_body=mode.pretrain and not resuming)
     # --- distributed: FSDP2-shard the models across ranks, each keeping its shard on its device; on one process
@@ -1432,7 +1241,7 @@ def train(
     # Non-finite values (a diverging learning rate, an RM with absurd weights) never reach the weights: an optimiser
     # step with a non-finite gradient is skipped and counted; cfg.max_nonfinite_steps such RL steps in a row stop.
     guarded = {k: SkipNonFiniteSteps(o) for k, o in optimizers.items()}
-    nonfinite_streak = 0
+    nonfinite = NonFiniteStreak(cfg.max_nonfinite_steps)
 
     # The cross-attention as built (a function of the seed alone): the origin of its relative weight change.
     feedback_init = [p.detach().clone() for p in reward_model.policy_feedback.parameters()] if mode.feedback else None
@@ -1440,10 +1249,8 @@ def train(
     check_output_dir(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     start = 0
-    if cfg.overwrite:  # --- distributed: rank 0 deletes, the others wait for it ---
-        distributed.on_main_process(lambda: [shutil.rmtree(os.path.join(cfg.output_dir, CHECKPOINT_DIR + suffix),
-                                                           ignore_errors=True) for suffix in ("", ".old", ".tmp")],
-                                    TrainingError)
+    if cfg.overwrite:
+        delete_checkpoints(cfg.output_dir)
     if resuming:
         fitted = "the fitted BRME heads" if mode.ensemble else "the fine-tuned RM" if mode.pretrain else ""
         start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers, cfg, fitted)
@@ -1454,18 +1261,10 @@ def train(
     if fit_before_rl:  # the Pretrained RM's fine-tuning, or BRME's heads, before the first step
         distributed.print0(reward_model.fit_before_rl(*preferences, cfg=cfg, rt=rt))
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if main_process and os.path.exists(metrics_path):
-        # A fresh run starts a new curve; a resumed one keeps the steps its checkpoint covers and drops any
-        # written after it (a crash between checkpoints), since those steps are run again. A line a crash cut
-        # short is always such a step: it cannot be parsed, and it goes too.
-        with open(metrics_path) as f:
-            kept = [line for line in f if _metric_step(line) < start]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+    start_metrics(metrics_path, start)  # a fresh curve, or the resumed run's up to its checkpoint
 
     history: list[dict] = []
-    bar = tqdm(range(start, T), initial=start, total=T, desc=f"{cfg.algo}+{cfg.reward}", dynamic_ncols=True,
-               disable=not main_process)
+    bar = reporting.progress_bar(start, T, f"{cfg.algo}+{cfg.reward}")
     for step in bar:
         t0 = time.perf_counter()
         omega_t = omega(step, T, cfg.omega_floor) if mode.feedback else 1.0
@@ -1537,38 +1336,16 @@ def train(
             g.skipped = 0
         record = distributed.mean_over_ranks(record)  # --- distributed: one record for all ranks, written once ---
         history.append(record)
-        # --- distributed: rank 0 writes; should it fail (disk full), every rank stops with it ---
-        distributed.on_main_process(lambda: append_metrics(metrics_path, record), TrainingError)
-        bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record['kl/sequence']:.3f}", omega=f"{omega_t:.2f}")
-        distributed.print0(
-            f"step {step:4d} | reward {record['reward/mean']:+.4f} | kl {record['kl/sequence']:.4f} | "
-            f"len {record['response/length']:.1f} | ω {omega_t:.3f}"
-            + (f" | grebt {record['rm/grebt']:.4f}" if rstats else "")
-            + f" | {record['time/step']:.1f}s"
-        )
-        samples = []
-        if cfg.sample_every and step % cfg.sample_every == 0:
-            for row in range(0, min(2 * K, len(batch) * K), K):
-                prompt = tokenizer.decode(batch[row // K], skip_special_tokens=True)
-                response = tokenizer.decode(
-                    ro.query_responses[row, ro.prompt_len :][ro.response_mask[row].bool()], skip_special_tokens=True
-                )
-                distributed.print0(f"  [sample] ...{prompt[-120:]!r} -> {response!r}  reward {rewards[row].item():+.3f}")
-                samples.append({"prompt": prompt, "response": response, "reward": rewards[row].item()})
+        append_metrics(metrics_path, record)  # --- distributed: by rank 0; should it fail, every rank stops ---
+        reporting.show_step(bar, record)
+        samples = (reporting.show_samples(tokenizer, batch, ro.query_responses, ro.response_mask, ro.prompt_len,
+                                          rewards, K) if cfg.sample_every and step % cfg.sample_every == 0 else [])
         if tracker is not None:
             tracker.log(record, samples)
-        bad = next((k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)), None)
-        nonfinite_streak = nonfinite_streak + 1 if bad or record["nonfinite/skipped_updates"] else 0
-        # A run stops after --max_nonfinite_steps such steps in a row, and also when it ends on one: its last
-        # updates were skipped and no checkpoint holds them, so it must not look like a finished run (exit 0).
-        if nonfinite_streak >= cfg.max_nonfinite_steps or (nonfinite_streak and step == T - 1):
-            raise TrainingError(f"step {step}: {bad or 'a gradient norm'} was not finite in {nonfinite_streak} steps in a "
-                                "row (updates skipped)" + ("" if nonfinite_streak >= cfg.max_nonfinite_steps else
-                                                           ", and the run ended there")
-                                + "; lower --policy_lr / --rm_lr or check the reward model, then resume from the last "
-                                "good checkpoint with --resume true")
+        # Non-finite values: --max_nonfinite_steps steps in a row stop the run, as does ending on one
+        nonfinite.update(record, step, last_step=T - 1)
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == T - 1):
-            if nonfinite_streak:  # a step with non-finite values is no state to resume from
+            if nonfinite:  # a step with non-finite values is no state to resume from
                 tqdm.write(f"step {step}: no checkpoint after non-finite values; the last good one stays")
             else:
                 save_checkpoint(cfg.output_dir, step, policy, tokenizer, reward_model, optimizers, schedulers, cfg)

@@ -67,7 +67,7 @@ def log(t0: float, message: str) -> None:
 def save_small_models(folder: str, script: str) -> tuple[str, str]:
     """A policy and a reward model as Hugging Face folders (with their tokenizers): GPT-NeoX for TL;DR; for dialogue a
     Llama-style policy and a Llama-style RM of another width, tokenizer and chat format (as LLaMA3 vs Skywork)."""
-    import tiny
+    from launch import tiny
 
     tokenizer = tiny.build_tokenizer()
     if script == "train_tldr.py":
@@ -87,7 +87,7 @@ def save_small_models(folder: str, script: str) -> tuple[str, str]:
 
 def smoke(script: str, folder: str, device: str, timeout: float) -> dict:
     """3 steps of a script's real entry point, killed mid-save at step 1 and resumed. -> what happened."""
-    import tiny
+    from launch import tiny
 
     policy, rm = save_small_models(os.path.join(folder, "models"), script)
     out = os.path.join(folder, "run")
@@ -155,7 +155,7 @@ def measure(variant: str, size: dict, device: str, config: str, output_dir: str,
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import r2m
-    import runner
+    from launch import runner
 
     torch.manual_seed(0)
     with open(config) as f:
@@ -237,15 +237,34 @@ def measure(variant: str, size: dict, device: str, config: str, output_dir: str,
     })
 
 
-def plan(variant: str, size: dict, config: str, output_dir: str, results) -> None:
-    """The memory plan's per-phase prediction for the same flags (as on a GPU), in a process of its own."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import memory_plan
+def start_plan(variant: str, size: dict, config: str, folder: str) -> tuple[subprocess.Popen, str]:
+    """The memory plan's prediction for the same flags (as on a GPU), computed on the CPU by its own command while
+    the device measures -> (the running process, the JSON file it writes)."""
+    out = os.path.join(folder, f"plan_{variant}.json")
+    flags = {k: size[k] for k in ("queries_per_step", "group_size", "max_new_tokens", "generation_batch_size",
+                                  "forward_batch_size", "micro_batch_size", "policy_minibatch_size", "rm_minibatch_groups",
+                                  "d_attn")}
+    flags.update(max_prompt_tokens=size["prompt_tokens"], reward=variant, policy_config=config, reward_config=config,
+                 total_trajectories=2 * size["queries_per_step"] * size["group_size"],
+                 output_dir=os.path.join(folder, f"plan_{variant}"), json_out=out)
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "memory_plan.py"),
+               *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
 
-    cfg = step_config(variant, size, "cpu", output_dir)
-    result = memory_plan.simulate(cfg, memory_plan.config_builder(config, config, bf16=True), size["prompt_tokens"])
-    peaks = {name: max(result["peaks"].get((2, p), 0) for p in plan_phases) for name, plan_phases in PLAN_PHASES.items()}
-    results.put({"variant": variant, "peaks": peaks, "host": memory_plan.host_plan(result, cfg, size["prompt_tokens"])})
+
+def finish_plan(process: subprocess.Popen, out: str, timeout: float) -> dict:
+    """What the plan predicts per phase of this check (step 2 of the plan: the steady state, as the measured step)."""
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return {"error": f"the memory plan took over {timeout:.0f} s"}
+    if process.returncode != 0:
+        return {"error": (stderr.strip().splitlines() or ["the memory plan failed"])[-1]}
+    with open(out) as f:
+        plan = json.load(f)
+    peaks = {name: max(plan["peaks"]["2"][p] for p in phases) for name, phases in PLAN_PHASES.items()}
+    return {"peaks": peaks, "host": plan["host"], "verdict": plan["verdict"]}
 
 
 def in_process(target, args: tuple, timeout: float) -> dict:
@@ -386,12 +405,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config, _ = config_paths(size, tmp)
         # the memory plan needs only the CPU: it runs while the device measures
-        ctx = mp.get_context("spawn")
-        plan_queue = ctx.Queue()
-        planners = [ctx.Process(target=plan, args=(v, size, config, os.path.join(tmp, f"plan_{v}"), plan_queue))
-                    for v in ("vanilla", "r2m")]
-        for p in planners:
-            p.start()
+        planners = {v: start_plan(v, size, config, tmp) for v in ("vanilla", "r2m")}
         for script in ("train_tldr.py", "train_ultrafeedback.py"):
             folder = os.path.join(tmp, script.split(".")[0])
             try:
@@ -407,16 +421,8 @@ def main(argv=None) -> dict:
                                                                os.path.join(tmp, f"step_{variant}")), timeout=left())
             m = report["measured"][variant]
             log(t0, f"{variant} step: " + (f"{m['step_seconds']:.1f} s" if "error" not in m else m["error"]))
-        for _ in planners:
-            try:
-                p = plan_queue.get(timeout=max(5.0, left() + 60))
-                report["plan"][p["variant"]] = p
-            except queue_module.Empty:
-                break
-        for p in planners:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+        for variant, (process, out) in planners.items():
+            report["plan"][variant] = finish_plan(process, out, timeout=max(5.0, left() + 60))
     flops = matmul_flops(args.device)
     report["measured_matmul_tflops"] = flops / 1e12
     report["summary"] = summarise(report["measured"], report["plan"], size, flops, device_name)

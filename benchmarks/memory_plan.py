@@ -37,7 +37,6 @@ The stand-ins, each a small patch made only inside this script while it runs:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -72,10 +71,9 @@ except ImportError as e:  # pragma: no cover - depends on the installed versions
 if not hasattr(GenerationMixin, "_has_unfinished_sequences"):
     raise SystemExit("error: memory_plan.py needs a transformers whose generate() loop asks _has_unfinished_sequences")
 
-import devices  # noqa: E402
-import distributed  # noqa: E402
 import r2m  # noqa: E402
-import runner  # noqa: E402
+from launch import flags, runner  # noqa: E402
+from plumbing import data, devices, distributed  # noqa: E402
 
 GiB = 2**30
 aten = torch.ops.aten
@@ -109,6 +107,8 @@ class PlanArgs:
     )
     policy_config: Optional[str] = field(default=None, metadata={"help": "config.json of the policy (default: by model name)."})
     reward_config: Optional[str] = field(default=None, metadata={"help": "config.json of the RM (default: by model name)."})
+    json_out: Optional[str] = field(default=None, metadata={
+        "help": "Also write the plan to this JSON file: each phase's peak (bytes) at steps 1 and 2, host memory, the verdict."})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -469,7 +469,7 @@ def simulate(cfg: r2m.R2MConfig, build_models, prompt_tokens: int, fake: bool = 
         pairs = None
         if r2m.REWARD_MODES[sim.reward].pretrain:
             length = prompt_tokens + sim.max_new_tokens
-            pairs = tuple(r2m.pad_right([[1 + (i + j) % (vocab - 2) for j in range(length)]
+            pairs = tuple(data.pad_right([[1 + (i + j) % (vocab - 2) for j in range(length)]
                                          for i in range(sim.pretrain_rm_batch_size)], 0) for _ in range(2))
         stack.enter_context(gpu_standins(counter, rec))
         # The RM reads the policy's token ids (rm_view=None): a chat RM's own template adds a few dozen tokens,
@@ -637,9 +637,9 @@ def parse(argv: Optional[list[str]]):
         print("\nand every flag of the chosen training script:\n")
     if plan.script not in ("tldr", "ultrafeedback"):
         raise SystemExit(f"error: --script must be 'tldr' or 'ultrafeedback', got {plan.script!r}")
-    script = __import__("train_tldr" if plan.script == "tldr" else "train_ultrafeedback")
-    args_cls = script.TLDRArgs if plan.script == "tldr" else script.UltraFeedbackArgs
-    cfg, args = runner.parse_flags(args_cls, script.PRESETS, rest)
+    args_cls, presets = ((flags.TLDRArgs, flags.TLDR_PRESETS) if plan.script == "tldr"
+                         else (flags.UltraFeedbackArgs, flags.ULTRAFEEDBACK_PRESETS))
+    cfg, args = flags.parse_flags(args_cls, presets, rest)
     if r2m.REWARD_MODES[cfg.reward].ensemble:
         raise SystemExit("error: memory_plan.py plans the R2M reward modes; BRME needs its heads fitted first")
     return PlanArgs(**vars(plan)), cfg, args
@@ -691,6 +691,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     else:
         result = run(cfg)
     print(report(result, cfg, plan.gpu_memory_gib, header, prompt_tokens))
+    if plan.json_out:
+        with open(plan.json_out, "w") as f:
+            json.dump({"peaks": {str(step): step_peaks(result, step) for step in (1, 2)},
+                       "before_rl": result["peaks"].get((0, BEFORE_RL)), "host": host_plan(result, cfg, prompt_tokens),
+                       "kv_cache_bytes": result["kv_cache_bytes"], "verdict": verdict(result, plan.gpu_memory_gib)[2]},
+                      f, indent=1)
     return result
 
 

@@ -53,7 +53,7 @@ def build(model: str, seed: int, device: str = "cuda", layers: int | None = None
 
     import torch
 
-    import tiny
+    from launch import tiny
 
     if model == "tiny":
         tokenizer = tiny.build_tokenizer()
@@ -88,7 +88,7 @@ def measure(model: str, variant: str, settings: dict, seed: int, queue) -> None:
     import torch
 
     import r2m
-    import runner
+    from launch import runner
 
     if settings["device"] == "cpu":
         torch.set_num_threads(settings.get("threads") or os.cpu_count())

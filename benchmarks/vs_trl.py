@@ -30,7 +30,7 @@ def run_ours(folder: str, s: dict, queue) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import r2m
-    import tiny
+    from launch import tiny
 
     torch.set_num_threads(s["threads"])
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "policy"))
@@ -59,7 +59,7 @@ def run_trl(folder: str, s: dict, queue) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    import tiny
+    from launch import tiny
 
     torch.set_num_threads(s["threads"])
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "policy"))
@@ -103,7 +103,7 @@ def main() -> None:
     if (s["queries_per_step"] * s["group_size"]) % s["minibatch"]:
         raise SystemExit("error: --minibatch must divide queries_per_step x group_size")
 
-    import tiny
+    from launch import tiny
 
     ctx = mp.get_context("spawn")
     times: dict[str, list[float]] = {"ours": [], "trl": []}

@@ -48,6 +48,7 @@ sys.path.insert(0, ROOT)
 
 import brme  # noqa: E402
 import r2m  # noqa: E402
+from plumbing import data  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # The world (unchanged from the study's first design)
@@ -193,7 +194,7 @@ def train_sft(policy, tokenizer, rng: random.Random, steps: int) -> None:
     policy.train()
     for step in range(steps):
         batch = [data[rng.randrange(len(data))] for _ in range(64)]
-        ids, mask = r2m.pad_right([p + s for p, s in batch], 0)
+        ids, mask = data.pad_right([p + s for p, s in batch], 0)
         labels = ids.masked_fill(mask == 0, -100)
         for i, (p, _) in enumerate(batch):
             labels[i, : len(p)] = -100  # learn the summary, not the post
@@ -209,7 +210,7 @@ def sample(policy, tokenizer, prompts: list[list[int]], temperature: float) -> l
     """One response per prompt -> (response ids without EOS, finished with EOS?)."""
     from transformers import GenerationConfig
 
-    ids, mask = r2m.pad_left(prompts, 0)
+    ids, mask = data.pad_left(prompts, 0)
     gc = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, pad_token_id=0,
                           eos_token_id=1, max_new_tokens=RL["max_new_tokens"])
     out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gc)[:, ids.shape[1]:]
@@ -242,7 +243,7 @@ def make_pairs(policy, tokenizer, rng: random.Random, n: int, noise: float) -> l
 
 
 def pair_batch(pairs: list[dict], side: str):
-    return r2m.pad_right([p["prompt"] + p[side] for p in pairs], 0)
+    return data.pad_right([p["prompt"] + p[side] for p in pairs], 0)
 
 
 def train_proxy_rm(rm, pairs: list[dict], rng: random.Random, epochs: int) -> None:

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(THREADS)
 
-import tiny  # noqa: E402
+from launch import tiny  # noqa: E402
 
 
 def pytest_configure(config):
@@ -32,12 +32,11 @@ def _default_output_dirs() -> set[str]:
     import dataclasses
 
     import r2m
-    import train_tldr
-    import train_ultrafeedback
+    from launch import flags
 
     dirs = {f.default for f in dataclasses.fields(r2m.R2MConfig) if f.name == "output_dir"}
-    for script in (train_tldr, train_ultrafeedback):
-        dirs |= {preset["output_dir"] for preset in script.PRESETS.values() if "output_dir" in preset}
+    for presets in (flags.TLDR_PRESETS, flags.ULTRAFEEDBACK_PRESETS):
+        dirs |= {preset["output_dir"] for preset in presets.values() if "output_dir" in preset}
     return dirs
 
 

@@ -18,12 +18,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
-import checkpoints  # noqa: E402
-import devices  # noqa: E402
-import distributed  # noqa: E402
+from plumbing import checkpoints  # noqa: E402
+from plumbing import devices  # noqa: E402
+from plumbing import distributed  # noqa: E402
 import r2m  # noqa: E402
-import runner  # noqa: E402
-import tiny  # noqa: E402
+from plumbing import data  # noqa: E402
+from launch import tiny  # noqa: E402
 
 
 def log_calls(log: str) -> None:
@@ -56,14 +56,14 @@ def rm_rewards(out: str, checkpoint: str) -> None:
     tokenizer = tiny.build_tokenizer()
     state = torch.load(os.path.join(checkpoint, "state.pt"), map_location="cpu", weights_only=False)
     cfg = r2m.R2MConfig(device="cpu", d_attn=state["config"]["d_attn"])
-    policy = tiny.build_policy(tokenizer)
+    policy, ref_policy = tiny.build_policy(tokenizer), tiny.build_policy(tokenizer)  # (unused: the RM is what counts)
     reward_model = r2m.R2MRewardModel(tiny.build_reward_model(tokenizer, seed=1), d_policy=64, d_attn=cfg.d_attn)
     distributed.setup("cpu")
     rt = devices.make_runtime(cfg)
-    r2m.prepare_models(policy, tiny.build_policy(tokenizer), reward_model, rt)
-    distributed.place_models(policy, tiny.build_policy(tokenizer), reward_model, rt.device, bf16_compute=False)
+    r2m.prepare_models(policy, ref_policy, reward_model, rt)
+    distributed.place_models(policy, ref_policy, reward_model, rt.device, bf16_compute=False)
     reward_model.load_trainable_state_dict(state["reward_model"])
-    chosen, _ = runner.preference_views(tiny.PREFERENCES_TINY, r2m.make_rm_view(tokenizer))
+    chosen, _ = data.preference_views(tiny.PREFERENCES_TINY, data.make_rm_view(tokenizer))
     with torch.no_grad():
         rewards = reward_model(chosen[0][:8], chosen[1][:8])  # the same pairs on every rank
     every_rank = distributed.gather_rows(rewards[None])  # (world, 8)

@@ -21,11 +21,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
-import devices  # noqa: E402
-import distributed  # noqa: E402
+from plumbing import devices  # noqa: E402
+from plumbing import distributed  # noqa: E402
 import r2m  # noqa: E402
-from devices import HostRows  # noqa: E402
-import tiny  # noqa: E402
+from plumbing import data  # noqa: E402
+from plumbing.devices import HostRows  # noqa: E402
+from launch import tiny  # noqa: E402
 
 
 def take_rows(ro: r2m.Rollout, rows: slice) -> r2m.Rollout:
@@ -72,7 +73,7 @@ def main(out: str) -> None:
     mode = r2m.REWARD_MODES["r2m"]
 
     torch.manual_seed(5)  # the same trajectories for every process count
-    full = r2m.rollout(policy, ref_policy, tokenizer, prompts, None, cfg, rt, None, r2m.pad_token_id(tokenizer))
+    full = r2m.rollout(policy, ref_policy, tokenizer, prompts, None, cfg, rt, None, data.pad_token_id(tokenizer))
 
     is_distributed, rank, world_size, _ = distributed.setup(cfg.device)
     rank_cfg = distributed.per_rank_config(cfg, world_size)
@@ -90,7 +91,7 @@ def main(out: str) -> None:
         from transformers import GenerationConfig
 
         units = sum(isinstance(m, torch.distributed.fsdp.FSDPModule) for m in policy.modules())
-        ids, mask = r2m.pad_left(prompts[:2], r2m.pad_token_id(tokenizer))
+        ids, mask = data.pad_left(prompts[:2], data.pad_token_id(tokenizer))
         config = GenerationConfig(do_sample=True, max_new_tokens=6, min_new_tokens=6, top_k=0, pad_token_id=0)
 
         def generate():

@@ -34,3 +34,11 @@ def learned(observed: float, needed: float) -> bool:
     print(f"\nlearning margin {test} seed {LEARNING_SEED} threads {THREADS}: {observed:.4g} vs {needed:.4g} needed "
           f"({observed / needed if needed else float('inf'):.2f}x)")
     return observed > needed
+
+
+def below(observed: float, bound: float) -> bool:
+    """observed < bound, printing the margin bound / observed as `learned` does."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    print(f"\nlearning margin {test} seed {LEARNING_SEED} threads {THREADS}: {observed:.4g} vs under {bound:.4g} "
+          f"({bound / observed if observed > 0 else float('inf'):.2f}x)")
+    return observed < bound

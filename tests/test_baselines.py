@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-import devices
 import r2m
-import runner
-import tiny
 from helpers import LEARNING_SEED, learned
+from launch import tiny
+from plumbing import data, devices
+from plumbing.devices import HostRows
 
 
 def _cfg(tmp_path, **overrides) -> r2m.R2MConfig:
@@ -54,12 +54,12 @@ def test_greedy_baseline_is_greedy_and_its_states_are_the_policys(tmp_path, toke
     from transformers import GenerationConfig
 
     policy, _, rm = models
-    r2m.disable_dropout(policy)
+    devices.disable_dropout(policy)
     cfg = _cfg(tmp_path, algo="remax", max_new_tokens=6)
     rt = devices.make_runtime(cfg)
     batch = prompts[:5]
-    ids, mask = r2m.pad_left(batch, tokenizer.pad_token_id)
-    capture = r2m.GenerationStateCapture(policy, r2m.host_rows(len(batch), ids.shape[1] + 5, policy, rt))
+    ids, mask = data.pad_left(batch, tokenizer.pad_token_id)
+    capture = r2m.GenerationStateCapture(policy, HostRows.for_policy(len(batch), ids.shape[1] + 5, policy, rt))
     response, response_mask = r2m.generate_responses(policy, ids, mask, tokenizer, cfg, rt, greedy=True, capture=capture)
     gc = GenerationConfig(do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
                           eos_token_id=tokenizer.eos_token_id)
@@ -159,7 +159,7 @@ def test_pretrained_rm_fine_tuning_raises_pair_accuracy_and_trains_the_body(tmp_
     body_before = {k: v.clone() for k, v in rm.base_model.state_dict().items()}
     cfg = _cfg(tmp_path, reward="pretrained_rm", pretrain_rm_preference_file=tiny.PREFERENCES_TINY,
                pretrain_rm_epochs=3, pretrain_rm_lr=1e-3, seed=LEARNING_SEED)
-    chosen, rejected = runner.preference_views(tiny.PREFERENCES_TINY, r2m.make_rm_view(tokenizer))
+    chosen, rejected = data.preference_views(tiny.PREFERENCES_TINY, data.make_rm_view(tokenizer))
     before, after = r2m.pretrain_reward_model(reward_model, chosen, rejected, cfg, devices.make_runtime(cfg))
     assert learned(after - before, 0.1), (before, after)
     assert any(not torch.equal(v, rm.base_model.state_dict()[k]) for k, v in body_before.items())

@@ -8,16 +8,17 @@ import sys
 
 import pytest
 
-import runner
 import train_tldr
 import train_ultrafeedback
+from launch import flags as launch_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from helpers import ENV  # noqa: E402  (the scripts' environment, PYTHONPATH included)
 
 
 def parse(*argv, script=train_tldr):
-    return runner.parse_flags(script.TLDRArgs if script is train_tldr else script.UltraFeedbackArgs, script.PRESETS, list(argv))
+    return launch_flags.parse_flags(launch_flags.TLDRArgs if script is train_tldr else launch_flags.UltraFeedbackArgs,
+                             launch_flags.TLDR_PRESETS if script is train_tldr else launch_flags.ULTRAFEEDBACK_PRESETS, list(argv))
 
 
 def test_yaml_config_over_preset_defaults_under_command_line_flags(tmp_path):

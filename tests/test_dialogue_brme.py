@@ -2,17 +2,14 @@
 
 import copy
 
+import pytest
 import torch
 
-import pytest
-
 import brme
-import devices
 import r2m
-import runner
-import tiny
-import train_ultrafeedback
 from helpers import LEARNING_SEED, learned
+from launch import tiny
+from plumbing import data, devices
 
 
 def test_rm_reads_its_own_template_and_policy_states_cover_policy_tokens(tmp_path):
@@ -20,12 +17,12 @@ def test_rm_reads_its_own_template_and_policy_states_cover_policy_tokens(tmp_pat
     rm_tok = tiny.build_tokenizer(vocab_size=400, chat_template=tiny.RM_CHAT_TEMPLATE)
     policy = tiny.build_policy(tok, arch="llama", hidden_size=64)
     prompts_text = ["How do I fix my dog?", "Why is my car so noisy?"]
-    prompts = [train_ultrafeedback.chat_prompt_ids(tok, p) for p in prompts_text]
+    prompts = [data.chat_prompt_ids(tok, p) for p in prompts_text]
     assert tok.decode(prompts[0]) == "<|user|>How do I fix my dog?<|endoftext|><|assistant|>"
     cfg = r2m.R2MConfig(queries_per_step=2, group_size=2, total_trajectories=4, max_new_tokens=5, device="cpu",
                         forward_batch_size=4, generation_batch_size=4)
     rt = devices.make_runtime(cfg)
-    view = r2m.make_rm_view(rm_tok, runner.chat_render(rm_tok))
+    view = data.make_rm_view(rm_tok, data.chat_render(rm_tok))
     ro = r2m.rollout(policy, copy.deepcopy(policy), tok, prompts, prompts_text, cfg, rt, view, rm_tok.pad_token_id)
     for row in range(4):
         response = tok.decode(ro.query_responses[row, ro.prompt_len:][ro.response_mask[row].bool()], skip_special_tokens=True)
@@ -38,14 +35,14 @@ def test_rm_reads_its_own_template_and_policy_states_cover_policy_tokens(tmp_pat
 
 
 def _embed(ensemble, view, rows, column):
-    ids, mask = r2m.pad_right([view(r["prompt"], r[column]) for r in rows], 0)
+    ids, mask = data.pad_right([view(r["prompt"], r[column]) for r in rows], 0)
     return ensemble.reward_token_embedding(ids, mask)
 
 
 @pytest.mark.learning
 def test_brme_heads_learn_and_sigma_marks_contradictory_pairs(tokenizer):
     rm = tiny.build_reward_model(tokenizer, seed=LEARNING_SEED + 1)
-    view = r2m.make_rm_view(tokenizer)
+    view = data.make_rm_view(tokenizer)
     train = tiny.synthetic_preference_rows(512, seed=11 + LEARNING_SEED, contradictory=0.3)
     test = tiny.synthetic_preference_rows(256, seed=12 + LEARNING_SEED, contradictory=0.3)
     ensemble = brme.BRMEReward(rm, num_heads=5, lam=0.4, seed=LEARNING_SEED)
@@ -68,9 +65,9 @@ def test_brme_rl_run_raises_the_robust_reward(tmp_path, tokenizer, prompts):
     policy, rm = tiny.build_policy(tokenizer, seed=LEARNING_SEED), tiny.build_reward_model(tokenizer, seed=LEARNING_SEED + 1)
     ref_policy = copy.deepcopy(policy)
     ensemble = brme.BRMEReward(rm, num_heads=3, lam=0.4, seed=LEARNING_SEED)
-    view = r2m.make_rm_view(tokenizer)
+    view = data.make_rm_view(tokenizer)
     rows = tiny.synthetic_preference_rows(128, seed=5 + LEARNING_SEED)
-    pairs = tuple(r2m.pad_right([view(r["prompt"], r[c]) for r in rows], 0) for c in ("chosen", "rejected"))
+    pairs = tuple(data.pad_right([view(r["prompt"], r[c]) for r in rows], 0) for c in ("chosen", "rejected"))
     cfg = r2m.R2MConfig(reward="brme", queries_per_step=8, group_size=4, total_trajectories=32 * 16,
                         max_new_tokens=3, policy_lr=1e-2, beta=0.0, policy_minibatch_size=16, micro_batch_size=8,
                         forward_batch_size=16, generation_batch_size=32, device="cpu", brme_epochs=5, brme_lr=3e-2,

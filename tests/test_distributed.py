@@ -9,14 +9,15 @@ Each rank runs with one thread, so two ranks fit the 2-core CI machine.
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from test_scripts import metrics
 
-import tiny
+from launch import tiny
+from test_scripts import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from helpers import ENV as _ENV  # noqa: E402
@@ -25,8 +26,18 @@ ENV = {**_ENV, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port each time
 
 
-def launch(cmd, check=True, env=None):
-    proc = subprocess.run(cmd, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=240)
+def launch(cmd, check=True, env=None, timeout=240, preexec_fn=None):
+    """Run a command (torchrun and its ranks) in a session of its own: on a timeout the whole group is killed,
+    so no rank is left behind to slow the tests that follow."""
+    with subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, preexec_fn=preexec_fn) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            raise AssertionError(f"timed out after {timeout} s: {cmd}\n{(stdout + stderr)[-4000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if check:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
@@ -38,7 +49,7 @@ def test_two_ranks_update_like_one_process(tmp_path):
     launch([*TORCHRUN, step, str(tmp_path / "two.pt")])
     one = torch.load(tmp_path / "one.pt", weights_only=False)
     two = torch.load(tmp_path / "two.pt", weights_only=False)
-    import tiny
+    from launch import tiny
 
     start = tiny.build_policy(tiny.build_tokenizer(), seed=0).state_dict()
     assert one["policy"].keys() == two["policy"].keys() == start.keys()  # full weights, no shards
@@ -65,10 +76,8 @@ def test_tiny_preset_under_torchrun_checkpoints_and_resumes_with_1_or_2_ranks(tm
     policy_dir = os.path.join(out, "checkpoint", "policy")
     from transformers import AutoModelForCausalLM
 
-    import tiny
-
     saved = AutoModelForCausalLM.from_pretrained(policy_dir)  # a plain HF folder of the full weights
-    initial = tiny.build_policy(tiny.build_tokenizer(), seed=0, **({"hidden_size": 64, "arch": "llama"} if "ultra" in script else {}))
+    initial = AutoModelForCausalLM.from_pretrained(tiny.TINY_MODEL_FOLDERS["chat_policy" if "ultra" in script else "tldr_policy"])
     assert sum(p.numel() for p in saved.parameters()) == sum(p.numel() for p in initial.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(saved.state_dict().values(), initial.state_dict().values()))
 
@@ -85,8 +94,8 @@ def test_tiny_preset_under_torchrun_checkpoints_and_resumes_with_1_or_2_ranks(tm
 
 
 def test_each_rank_gets_an_equal_share_or_a_clear_error():
-    import distributed
     import r2m
+    from plumbing import distributed
 
     cfg = r2m.R2MConfig(queries_per_step=8, group_size=4, policy_minibatch_size=16, micro_batch_size=4, rm_minibatch_groups=4)
     assert distributed.per_rank_config(cfg, 1) is cfg  # one process: untouched
@@ -123,7 +132,9 @@ def test_pretrained_rm_on_two_ranks_fine_tunes_shards_saves_and_resumes_like_one
               for d in (one, two)]
     assert {k: v.shape for k, v in bodies[0].items()} == {k: v.shape for k, v in bodies[1].items()}
     assert all(type(v) is torch.Tensor for v in bodies[1].values())  # whole tensors, not DTensor shards
-    start = tiny.build_reward_model(tiny.build_tokenizer(), seed=1).base_model.state_dict()
+    from transformers import AutoModelForSequenceClassification
+
+    start = AutoModelForSequenceClassification.from_pretrained(tiny.TINY_MODEL_FOLDERS["tldr_reward_model"]).base_model.state_dict()
     assert any(not torch.equal(bodies[0][k], v) for k, v in start.items())  # it was fine-tuned ...
     for k in bodies[0]:  # ... alike on 1 and 2 ranks (every minibatch split in two, gradients averaged). Not to the
         # last bit: AdamW scales a gradient component that is zero but for rounding (key biases) up to ±lr.
@@ -176,8 +187,8 @@ def test_a_failed_save_on_rank_0_stops_every_rank(tmp_path):
     out = str(tmp_path / "run")
     launch([sys.executable, *TINY, "--total_trajectories", "64", "--save_every", "2", "--output_dir", out])
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # noqa: E731
-    proc = subprocess.run([*TORCHRUN, *TINY, "--total_trajectories", "128", "--save_every", "1", "--resume", "true",
-                           "--output_dir", out], env=ENV, capture_output=True, text=True, timeout=180, preexec_fn=limit)
+    proc = launch([*TORCHRUN, *TINY, "--total_trajectories", "128", "--save_every", "1", "--resume", "true",
+                   "--output_dir", out], check=False, timeout=180, preexec_fn=limit)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "error: step 2: could not write" in log  # rank 0's own error
@@ -188,3 +199,34 @@ def test_lora_under_torchrun_is_one_clear_line_on_every_rank(tmp_path):
     proc = launch([*TORCHRUN, *TINY, "--lora_r", "4", "--output_dir", str(tmp_path / "o")], check=False)
     assert proc.returncode != 0
     assert (proc.stdout + proc.stderr).count("error: --lora_r runs on one process only") == 2
+
+
+def test_two_nodes_of_one_process_each_finish_one_run(tmp_path):
+    """The multi-node command of docs/scale.md, both "nodes" on this machine: two torchrun launches that meet at one
+    rendezvous endpoint (c10d) and write one run to the shared output folder (rank 0 writes metrics and checkpoints;
+    every rank reads the checkpoint on a resume)."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "shared" / "run")
+    nodes = []
+    for node_rank in (0, 1):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+                   "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                   "--rdzv_id", "tiny", *TINY, "--total_trajectories", "96", "--save_every", "2", "--output_dir", out]
+        nodes.append(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    logs = []
+    try:
+        for node in nodes:
+            logs.append(node.communicate(timeout=240)[0])
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert [m["step"] for m in metrics(out)] == [0, 1, 2]  # one metrics file, each step once
+    assert logs[0].count("step    2 |") == 1 and "step    2 |" not in logs[1]  # node 0 holds rank 0: it reports
+    assert sorted(os.listdir(out)) == ["checkpoint", "config.json", "metrics.jsonl"]

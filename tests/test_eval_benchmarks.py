@@ -7,7 +7,7 @@ import os
 import pytest
 
 import eval_judge
-import tiny
+from launch import tiny
 from test_eval_judge import KEY, ScriptedServer
 
 

@@ -12,7 +12,8 @@ import torch
 
 import eval_judge
 import r2m
-import tiny
+from launch import tiny
+from plumbing import data
 
 KEY = "sk-test-SECRET-9f8e7d"
 
@@ -435,7 +436,7 @@ def test_rm_accuracy_on_a_tiny_preference_file(tmp_path, r2m_checkpoint):
 
     tok = AutoTokenizer.from_pretrained(paths["reward_model"])
     rm = AutoModelForSequenceClassification.from_pretrained(paths["reward_model"]).eval()
-    view = r2m.make_rm_view(tok)
+    view = data.make_rm_view(tok)
     with torch.no_grad():
         def score(col):
             return torch.cat([rm(input_ids=torch.tensor([view(r["prompt"], r[col])])).logits[:, 0] for r in rows])

@@ -6,11 +6,10 @@ import copy
 import pytest
 import torch
 
-import devices
 import r2m
-import runner
-import tiny
-from devices import HostRows
+from launch import runner, tiny
+from plumbing import devices
+from plumbing.devices import HostRows
 
 
 def _cfg(tmp_path, **overrides) -> r2m.R2MConfig:
@@ -31,7 +30,7 @@ def test_sampling_ignores_the_models_own_generation_config(tmp_path, tokenizer, 
     assert policy.generation_config.repetition_penalty == 1.3  # the trap is armed
     cfg = _cfg(tmp_path, max_new_tokens=8, temperature=0.7)
     rt = devices.make_runtime(cfg)
-    r2m.disable_dropout(policy)
+    devices.disable_dropout(policy)
 
     captured = {}
     original = policy.generate
@@ -89,7 +88,7 @@ def test_dropout_off_everywhere_including_config_rates(tokenizer, arch):
     model.train()
     with torch.no_grad():
         assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout really is on before
-    r2m.disable_dropout(model)
+    devices.disable_dropout(model)
     with torch.no_grad():
         first, second = model(ids).logits, model(ids).logits
     assert torch.equal(first, second)
@@ -139,7 +138,7 @@ def test_hidden_states_used_by_the_rm_step_are_refreshed_in_the_last_epoch(tmp_p
     policy = tiny.build_policy(tokenizer)
     cfg = _cfg(tmp_path, policy_epochs=2, policy_minibatch_size=16, micro_batch_size=16)
     rt = devices.make_runtime(cfg)
-    r2m.disable_dropout(policy)
+    devices.disable_dropout(policy)
     torch.manual_seed(0)
     ro = r2m.rollout(policy, copy.deepcopy(policy), tokenizer, prompts[:4], None, cfg, rt, None, 0, True)
     h_old = ro.hidden.tensor()

@@ -19,13 +19,11 @@ import pytest
 import torch
 
 import brme
-import checkpoints
-import devices
-import distributed
 import r2m
-import runner
-import tiny
 import train_tldr
+from launch import flags as launch_flags
+from launch import tiny
+from plumbing import checkpoints, data, devices, distributed
 
 
 def bf16_cfg(tmp_path, **overrides) -> r2m.R2MConfig:
@@ -123,10 +121,10 @@ def test_brme_rewards_are_float32_under_autocast(tokenizer):
 def test_pretrained_rm_frees_its_gradients_and_cuts_each_batch_to_its_longest_row(tmp_path, tokenizer):
     rm = tiny.build_reward_model(tokenizer)
     reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
-    view = r2m.make_rm_view(tokenizer)
+    view = data.make_rm_view(tokenizer)
     rows = tiny.synthetic_preference_rows(24, seed=4)
     rows[0]["chosen"] = " " + " ".join(["dog"] * 60)  # one long row: only its own batches may be that long
-    chosen, rejected = (r2m.pad_right([view(r["prompt"], r[c]) for r in rows], 0) for c in ("chosen", "rejected"))
+    chosen, rejected = (data.pad_right([view(r["prompt"], r[c]) for r in rows], 0) for c in ("chosen", "rejected"))
     lengths = []
     rm.base_model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["input_ids"].shape), with_kwargs=True)
     cfg = bf16_cfg(tmp_path, reward="pretrained_rm", pretrain_rm_preference_file="x", pretrain_rm_batch_size=4,
@@ -233,7 +231,7 @@ def test_lora_under_torchrun_is_refused_before_anything_loads(tmp_path, monkeypa
     pytest.importorskip("peft", reason="pip install peft (.ci/run installs it)")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as e:
-        runner.parse_flags(train_tldr.TLDRArgs, train_tldr.PRESETS,
+        launch_flags.parse_flags(launch_flags.TLDRArgs, launch_flags.TLDR_PRESETS,
                            ["--preset", "tiny", "--lora_r", "4", "--output_dir", str(tmp_path / "o")])
     assert str(e.value).startswith("error: --lora_r runs on one process only") and "\n" not in str(e.value)
 
@@ -241,13 +239,13 @@ def test_lora_under_torchrun_is_refused_before_anything_loads(tmp_path, monkeypa
 def test_local_data_files_load_without_the_datasets_package(tmp_path, monkeypatch):
     """The GPU image has torch and transformers only: the scripts' local .jsonl / .json files need no `datasets`."""
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails, as if it were not installed
-    rows = runner.load_rows(tiny.TLDR_TINY, "train", ["prompt"])
+    rows = data.load_rows(tiny.TLDR_TINY, "train", ["prompt"])
     assert len(rows) == 64 and rows[0]["prompt"].endswith("TL;DR:")
-    assert len(runner.load_rows(tiny.ALPACA_EVAL_TINY, "train", ["instruction"])) == 6  # one JSON list
+    assert len(data.load_rows(tiny.ALPACA_EVAL_TINY, "train", ["instruction"])) == 6  # one JSON list
     with pytest.raises(SystemExit) as e:
-        runner.load_rows("trl-lib/tldr", "train", ["prompt"])
+        data.load_rows("trl-lib/tldr", "train", ["prompt"])
     assert str(e.value) == "error: data set 'trl-lib/tldr' is a hub name, which needs the datasets package: pip install datasets"
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     with pytest.raises(SystemExit) as e:
-        runner.load_rows(str(tmp_path / "bad.jsonl"), "train", ["prompt"])
+        data.load_rows(str(tmp_path / "bad.jsonl"), "train", ["prompt"])
     assert str(e.value).startswith("error: data set") and "is not JSON lines" in str(e.value)

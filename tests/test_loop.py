@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-import devices
 import r2m
-from devices import HostRows
-import runner
-import tiny
 from helpers import LEARNING_SEED, learned
+from launch import tiny
+from plumbing import data, devices
+from plumbing.devices import HostRows
 
 
 def tiny_cfg(tmp_path, **overrides) -> r2m.R2MConfig:
@@ -95,10 +94,10 @@ def test_heterogeneous_pair_runs_a_step(tmp_path, tokenizer, prompts):
     policy = tiny.build_policy(tokenizer, arch="llama", hidden_size=48)
     rm_tokenizer = tiny.build_tokenizer(vocab_size=400)
     rm = tiny.build_reward_model(rm_tokenizer, hidden_size=32)
-    assert not runner.same_tokenizer(tokenizer, rm_tokenizer)
+    assert not data.same_tokenizer(tokenizer, rm_tokenizer)
     reward_model = r2m.R2MRewardModel(rm, d_policy=48, d_attn=16)
     attn = snapshot(reward_model.policy_feedback)
-    rm_view = r2m.make_rm_view(rm_tokenizer)
+    rm_view = data.make_rm_view(rm_tokenizer)
     texts = [tokenizer.decode(p) for p in prompts]
     history = r2m.train(policy, copy.deepcopy(policy), reward_model, tokenizer, prompts,
                         tiny_cfg(tmp_path, total_trajectories=64), prompt_texts=texts, rm_view=rm_view,

@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-import checkpoints
-import devices
 import r2m
-import tiny
 from helpers import LEARNING_SEED, learned
+from launch import flags as launch_flags
+from launch import tiny
+from plumbing import checkpoints, data, devices
 
 pytest.importorskip("peft", reason="pip install peft (.ci/run installs it)")
-import lora  # noqa: E402
+from plumbing import lora  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from helpers import ENV  # noqa: E402  (the scripts' environment, PYTHONPATH included)
@@ -68,7 +68,7 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base_model(tmp_path, t
     # R2M's feedback path trained on states captured through the peft wrapper
     assert any(not torch.equal(attn[k], v) for k, v in reward_model.policy_feedback.state_dict().items())
 
-    ids, mask = r2m.pad_left([p[-20:] + [5, 6, 7, 8] for p in prompts[:6]], 0)
+    ids, mask = data.pad_left([p[-20:] + [5, 6, 7, 8] for p in prompts[:6]], 0)
     P = ids.shape[1] - 4
     ref_lp, base_lp, policy_lp = (logprobs(m, ids, mask, P) for m in (ref, base, policy))
     assert torch.allclose(ref_lp, base_lp, atol=1e-6, rtol=0)  # π_ref = the SFT model exactly
@@ -151,7 +151,7 @@ def test_checkpoint_holds_the_adapter_resumes_and_merges(tmp_path, tokenizer, pr
 
     # --merge_on_save: a plain Hugging Face folder that behaves as the adapted policy
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "policy")).eval()
-    ids, mask = r2m.pad_left([p[-20:] + [5, 6, 7] for p in prompts[:4]], 0)
+    ids, mask = data.pad_left([p[-20:] + [5, 6, 7] for p in prompts[:4]], 0)
     P = ids.shape[1] - 3
     assert torch.allclose(logprobs(merged, ids, mask, P), logprobs(policy, ids, mask, P), atol=1e-4)
     rows = [{"id": str(i), "prompt": r["prompt"]} for i, r in enumerate(tiny.synthetic_tldr_rows(2, seed=5))]
@@ -179,9 +179,6 @@ def run(*args):
 
 
 def test_lora_flags_end_to_end_with_resume_and_clear_errors(tmp_path, tokenizer):
-    import runner
-    import train_tldr
-
     out = str(tmp_path / "lora")
     flags = ["--output_dir", out, "--lora_r", "4", "--lora_target_modules", "query_key_value,dense"]
     first = run(*flags, "--total_trajectories", "64")
@@ -201,7 +198,7 @@ def test_lora_flags_end_to_end_with_resume_and_clear_errors(tmp_path, tokenizer)
         (lambda: checkpoints.load_checkpoint(out, tiny.build_policy(tokenizer), rm, {}, {}, cfg), "holds a LoRA adapter"),
         (lambda: checkpoints.load_checkpoint(out, lora.add_lora(tiny.build_policy(tokenizer), 8, 32, "query_key_value,dense"),
                                      rm, {}, {}, cfg), "written with LoRA r = 4, not 8"),
-        (lambda: runner.parse_flags(train_tldr.TLDRArgs, train_tldr.PRESETS, ["--preset", "tiny", "--merge_on_save", "true",
+        (lambda: launch_flags.parse_flags(launch_flags.TLDRArgs, launch_flags.TLDR_PRESETS, ["--preset", "tiny", "--merge_on_save", "true",
                                                                                "--output_dir", str(tmp_path / "o")]),
          "--merge_on_save needs --lora_r"),
         (lambda: lora.add_lora(tiny.build_policy(tokenizer), 4, 8, "q_proj"), "not found"),

@@ -14,10 +14,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import devices  # noqa: E402
+from plumbing import devices  # noqa: E402
 import memory_plan  # noqa: E402
 import r2m  # noqa: E402
-import tiny  # noqa: E402
+from launch import tiny  # noqa: E402
 
 PROMPT_TOKENS = 24
 

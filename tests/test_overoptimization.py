@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import overoptimization as oo  # noqa: E402
 from helpers import ENV, LEARNING_SEED, THREADS, learned  # noqa: E402
 import r2m  # noqa: E402
+from plumbing import data  # noqa: E402
 
 
 def test_gold_reward_hand_computed():
@@ -45,7 +46,7 @@ def test_omega_scaled_control_is_omega_times_the_proxy():
     tokenizer = oo.build_tokenizer()
     proxy = oo.tiny_lm(tokenizer, seed=1, classifier=True)
     control = oo.OmegaScaledProxy(proxy, total_steps=10, floor=0.6)
-    ids, mask = r2m.pad_right([[4, 5, 6, 1], [7, 8, 1]], 0)
+    ids, mask = data.pad_right([[4, 5, 6, 1], [7, 8, 1]], 0)
     with torch.no_grad():
         own = proxy(input_ids=ids, attention_mask=mask).logits[:, 0]  # the proxy's own reward
         rte = control.reward_token_embedding(ids, mask)

@@ -3,12 +3,13 @@
 import torch
 
 import r2m
-import tiny
+from launch import tiny
+from plumbing import data
 
 
 def _batch(tokenizer, texts, side="right"):
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    pad = r2m.pad_right if side == "right" else r2m.pad_left
+    pad = data.pad_right if side == "right" else data.pad_left
     return pad(ids, tokenizer.pad_token_id)
 
 

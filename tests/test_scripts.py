@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import LEARNING_SEED, below, learned
+
+from launch import flags as launch_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from helpers import ENV  # noqa: E402  (the scripts' environment, PYTHONPATH included)
@@ -76,9 +79,8 @@ def test_every_flag_has_help():
     import dataclasses
 
     import r2m
-    import train_tldr
 
-    for cls in (r2m.R2MConfig, train_tldr.TLDRArgs):
+    for cls in (r2m.R2MConfig, launch_flags.TLDRArgs, launch_flags.UltraFeedbackArgs):
         for f in dataclasses.fields(cls):
             assert len(f.metadata.get("help", "")) > 10, f"{cls.__name__}.{f.name} has no help text"
     proc = run("train_tldr.py", "--help")
@@ -125,3 +127,23 @@ def test_every_paper_row_runs_on_the_tiny_presets(tmp_path, script, row):
                      "--resume", "true")
         assert "Pretrained RM: BT fine-tuning" not in second.stdout + second.stderr
         assert [m["step"] for m in metrics(out)] == [0, 1, 2]
+
+
+@pytest.mark.learning
+@pytest.mark.parametrize("script", ["train_tldr.py", "train_ultrafeedback.py"])
+def test_the_quick_start_is_a_healthy_run(tmp_path, script):
+    """The README's first command as a newcomer runs it (here in a folder of its own): the reward rises while the
+    KL to the reference stays moderate, no progress bar of transformers' interleaves the step lines, and the run
+    ends with a summary saying where its files are and what to run next."""
+    out = str(tmp_path / "run")
+    proc = run(script, "--preset", "tiny", "--output_dir", out, "--seed", str(LEARNING_SEED))
+    records = metrics(out)
+    rewards = [m["reward/mean"] for m in records]
+    assert len(records) == 16
+    assert learned(sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3, 0.25 * records[0]["reward/std"]), rewards
+    assert below(records[-1]["kl/sequence"], 2.0), [m["kl/sequence"] for m in records]
+    log = proc.stdout + proc.stderr
+    assert "Writing model shards" not in log
+    summary = log[log.index("done: 16 steps"):].splitlines()
+    assert summary[1].strip() == f"metrics:    {out}/metrics.jsonl" and summary[2].strip().startswith(f"checkpoint: {out}/checkpoint (step 15")
+    assert summary[3].strip().startswith("plot it:    python plot_run.py") and "python eval_judge.py" in summary[4]

@@ -5,8 +5,10 @@ scripts, eval_judge.py and the study's --quick have their own tests.)"""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
+
 from helpers import ENV, script
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -22,7 +24,7 @@ def run(*cmd, timeout=600):
 def test_tiny_save_models_writes_folders_that_load(tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    lines = run(*script("tiny.py"), "--save-models", str(tmp_path / "models"))
+    lines = run(sys.executable, "-m", "launch.tiny", "--save-models", str(tmp_path / "models"))
     assert [line.split()[2] for line in lines] == ["policy", "reward_model", "judge"]
     AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "policy")
     AutoModelForCausalLM.from_pretrained(tmp_path / "models" / "judge")

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import r2m
-import tracking
+from launch import tracking
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from helpers import ENV  # noqa: E402  (the scripts' environment, PYTHONPATH included)
@@ -125,7 +125,7 @@ def test_wandb_without_an_account_is_one_clear_line(tmp_path):
     pytest.importorskip("wandb", reason="pip install wandb (.ci/run installs it)")
     env = {k: v for k, v in ENV.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"))  # no ~/.netrc, no login
-    proc = subprocess.run([sys.executable, "-c", f"import tracking; tracking.make_tracker('wandb', {str(tmp_path / 'run')!r}, {{}})"],
+    proc = subprocess.run([sys.executable, "-c", f"from launch import tracking; tracking.make_tracker('wandb', {str(tmp_path / 'run')!r}, {{}})"],
                           env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("error: wandb could not start a run (") and "WANDB_MODE=offline" in last

@@ -1,7 +1,7 @@
 """Offline building blocks for `--preset tiny` and the tests: a tokenizer built in code, tiny randomly
 initialised models built from configs, and small synthetic data files in the real data sets' formats.
 
-Nothing here downloads anything. The synthetic files under data/ are written by `python tiny.py` (fixed
+Nothing here downloads anything. The synthetic files under data/ are written by `python -m launch.tiny` (fixed
 seed, so the committed files are reproducible); they imitate the *format* of trl-lib/tldr and
 UltraFeedback, never their content.
 """
@@ -14,7 +14,7 @@ import random
 
 import torch
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 TLDR_TINY = os.path.join(DATA_DIR, "tldr_tiny.jsonl")  # prompts (+ reference summaries) for training
 TLDR_TINY_TEST = os.path.join(DATA_DIR, "tldr_tiny_test.jsonl")  # held-out prompts + references, for eval
 PREFERENCES_TINY = os.path.join(DATA_DIR, "preferences_tiny.jsonl")  # {prompt, chosen, rejected} pairs
@@ -232,12 +232,138 @@ def save_models(directory: str, seed: int = 0) -> dict[str, str]:
     return paths
 
 
+# ----------------------------------------------------------------------------------------------------
+# The quick start's world: a tiny "SFT" policy and a tiny trained RM, built once and shipped in data/tiny_models/
+# ----------------------------------------------------------------------------------------------------
+
+# The tiny RM's taste: summaries (and chat replies) of the form "my ADJ NOUN VERB the NOUN WHEN." are better the
+# earlier their adjective comes in this list. The SFT policy writes every adjective alike, so RL has something to
+# learn that costs the policy little KL: which adjective to write.
+TASTE = ["happy", "quiet", "new", "tired", "old", "late", "noisy", "expensive", "weird", "angry"]
+TINY_MODELS = os.path.join(DATA_DIR, "tiny_models")
+TINY_MODEL_FOLDERS = {name: os.path.join(TINY_MODELS, name)
+                      for name in ("tldr_policy", "tldr_reward_model", "chat_policy", "chat_reward_model")}
+
+
+def _with_adjective(sentence: str, adjective: str) -> str:
+    words = sentence.split(" ")
+    return " ".join(words[:1] + [adjective] + words[2:])  # "my ADJ ..."
+
+
+def _fine_tune(model, batches, steps: int, lr: float, loss_fn) -> None:
+    """A few hundred AdamW steps on CPU (the models are tiny): batches() -> one batch; loss_fn(model, batch)."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        loss = loss_fn(model, batches())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def _sft_loss(model, batch):
+    ids, mask, prompt_lengths = batch
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, length in enumerate(prompt_lengths):
+        labels[i, :length] = -100  # learn the response, not the prompt
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def _bt_loss(model, batch):
+    (chosen, chosen_mask), (rejected, rejected_mask) = batch
+    r_w = model(input_ids=chosen, attention_mask=chosen_mask).logits[:, 0]
+    r_l = model(input_ids=rejected, attention_mask=rejected_mask).logits[:, 0]
+    return -torch.nn.functional.logsigmoid(r_w - r_l).mean()
+
+
+def _reward_scale(rm, factor: float) -> None:
+    """Scale a trained RM's rewards (its score head): trained from the x10 init of build_reward_model they span about
+    ±12; as real RMs' they should be of order 1, so that β·KL is not negligible beside the advantages."""
+    with torch.no_grad():
+        rm.score.weight.mul_(factor)
+        if rm.score.bias is not None:
+            rm.score.bias.mul_(factor)
+
+
+def build_tiny_world(seed: int = 0) -> dict[str, object]:
+    """The four models of the tiny presets, trained from scratch on synthetic rows (about a minute on a CPU):
+    TL;DR: a GPT-NeoX policy fine-tuned on posts -> one-sentence summaries, and a GPT-NeoX RM (another width, the same
+    tokenizer) trained with Bradley-Terry on pairs that differ in the adjective only (TASTE); dialogue: the same with
+    a Llama-style chat policy and a Llama-style RM of another tokenizer and chat format. -> {folder name: model}."""
+    from plumbing.data import chat_prompt_ids, chat_render, pad_right
+
+    rng = random.Random(seed)
+    tokenizer, rm_tokenizer = build_tokenizer(), build_tokenizer(vocab_size=400, chat_template=RM_CHAT_TEMPLATE)
+    eos = tokenizer.eos_token_id
+    render = chat_render(rm_tokenizer)
+
+    def sft_batches(prompt_ids, reply):
+        def batch():
+            rows = [(p, tokenizer(" " + reply(rng) if not c else reply(rng), add_special_tokens=False)["input_ids"] + [eos])
+                    for p, c in (rng.choice(prompt_ids) for _ in range(32))]
+            ids, mask = pad_right([p + r for p, r in rows], tokenizer.pad_token_id)
+            return ids, mask, [len(p) for p, _ in rows]
+        return batch
+
+    def pair_batches(encode):
+        def batch():
+            pairs = []
+            for _ in range(32):
+                better, worse = sorted(rng.sample(range(len(TASTE)), 2))
+                sentence, cut = _sentence(rng), rng.randint(2, 9)  # fragments too: RL scores unfinished responses
+                pairs.append(tuple(encode(_with_adjective(sentence, TASTE[i]), cut) for i in (better, worse)))
+            return tuple(pad_right([pair[k] for pair in pairs], 0) for k in (0, 1))
+        return batch
+
+    models = {}
+    posts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in synthetic_tldr_rows(512, seed=seed + 1)]
+    torch.manual_seed(seed)
+    models["tldr_policy"] = build_policy(tokenizer, seed=seed)
+    _fine_tune(models["tldr_policy"], sft_batches([(p, False) for p in posts], _sentence), 400, 3e-3, _sft_loss)
+
+    def tldr_view(reply: str, cut: int) -> list[int]:  # the RM reads the policy's tokens: prompt + response [+ EOS]
+        words = tokenizer(" " + reply, add_special_tokens=False)["input_ids"]
+        return rng.choice(posts) + words[:cut] + ([eos] if cut >= len(words) else [])
+
+    models["tldr_reward_model"] = build_reward_model(tokenizer, seed=seed + 1)
+    _fine_tune(models["tldr_reward_model"], pair_batches(tldr_view), 300, 1e-3, _bt_loss)
+    _reward_scale(models["tldr_reward_model"], 0.1)
+    questions = [r["prompt"] for r in synthetic_ultrafeedback_rows(256, seed=seed + 2)]
+    chats = [chat_prompt_ids(tokenizer, q) for q in questions]
+    models["chat_policy"] = build_policy(tokenizer, seed=seed, hidden_size=64, arch="llama")
+    _fine_tune(models["chat_policy"], sft_batches([(c, True) for c in chats], lambda r: "Sure. " + _sentence(r)), 400, 3e-3,
+               _sft_loss)
+
+    def chat_view(reply: str, cut: int) -> list[int]:  # the RM reads the raw prompt and the reply in its own template
+        words = ("Sure. " + reply).split(" ")
+        text = " ".join(words[: cut + 1])
+        return rm_tokenizer(render(rng.choice(questions), text), add_special_tokens=False)["input_ids"]
+
+    models["chat_reward_model"] = build_reward_model(rm_tokenizer, seed=seed + 1, hidden_size=48, arch="llama")
+    _fine_tune(models["chat_reward_model"], pair_batches(chat_view), 300, 1e-3, _bt_loss)
+    _reward_scale(models["chat_reward_model"], 0.1)
+    return {"models": models, "tokenizers": {"tldr_policy": tokenizer, "tldr_reward_model": tokenizer,
+                                             "chat_policy": tokenizer, "chat_reward_model": rm_tokenizer}}
+
+
+def save_tiny_world(folder: str = TINY_MODELS, seed: int = 0) -> None:
+    world = build_tiny_world(seed)
+    for name, model in world["models"].items():
+        model.save_pretrained(os.path.join(folder, name))
+        world["tokenizers"][name].save_pretrained(os.path.join(folder, name))
+        print(f"wrote {os.path.join(folder, name)}")
+
+
 def main() -> None:
     import sys
 
     if len(sys.argv) == 3 and sys.argv[1] == "--save-models":
         for name, path in save_models(sys.argv[2]).items():
             print(f"wrote tiny {name} to {path}")
+        return
+    if sys.argv[1:] == ["--build-world"]:  # the tiny presets' trained models (data/tiny_models/)
+        save_tiny_world()
         return
     files = {
         TLDR_TINY: synthetic_tldr_rows(64, seed=0),

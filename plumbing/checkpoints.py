@@ -1,13 +1,14 @@
-"""Checkpoints of an r2m run, and the rules that keep a run from being lost (README, "Crashes and resuming").
+"""Checkpoints of an r2m run, its metrics file, and the rules that keep a run from being lost (docs/crashes.md).
 
 A checkpoint folder counts once its completeness marker, written last, is there; a crash at any moment leaves a
 complete checkpoint (`checkpoint/`, or `.old` / `.tmp` between the two renames of a save); nothing non-finite
-is saved; a run resumes only under settings that keep its saved state right. `r2m.train` calls these; they hold
-no part of the algorithm.
+is saved (an update whose gradients are not finite is skipped, and a run of such steps stops); a run resumes only
+under settings that keep its saved state right. `r2m.train` calls these; they hold no part of the algorithm.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-import distributed
+from plumbing import distributed
 
 
 CHECKPOINT_DIR = "checkpoint"
@@ -141,14 +142,15 @@ def _write(output_dir: str, step: int, policy, tokenizer, policy_weights: dict, 
                             f"the last good one stays in {find_checkpoint(output_dir) or 'nowhere yet'}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if hasattr(policy, "peft_config"):  # LoRA (lora.py): the adapter, and a merged policy/ with --merge_on_save
-            import lora
+        with quiet_saves():
+            if hasattr(policy, "peft_config"):  # LoRA (lora.py): the adapter, and a merged policy/ with --merge_on_save
+                from plumbing import lora
 
-            lora.save_adapter(policy, tokenizer, tmp, cfg.merge_on_save)
-        else:
-            policy.save_pretrained(os.path.join(tmp, "policy"), state_dict=policy_weights)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+                lora.save_adapter(policy, tokenizer, tmp, cfg.merge_on_save)
+            else:
+                policy.save_pretrained(os.path.join(tmp, "policy"), state_dict=policy_weights)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(os.path.join(tmp, "policy"))
         torch.save(state, os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
             json.dump({"step": step, "config": state["config"]}, f)
@@ -156,6 +158,20 @@ def _write(output_dir: str, step: int, policy, tokenizer, policy_weights: dict, 
         raise TrainingError(f"step {step}: could not write {tmp}: {type(e).__name__}: {str(e).splitlines()[0]}; "
                             f"the last complete checkpoint is untouched") from e
     _swap_in(tmp, final, step)
+
+
+@contextlib.contextmanager
+def quiet_saves():
+    """transformers draws a "Writing model shards" progress bar in every save_pretrained: not among the step lines."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _swap_in(src: str, final: str, step: int) -> None:
@@ -187,7 +203,7 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
     # mmap: every rank reads the small entries; the policy's optimiser state is only read on rank 0
     state = torch.load(os.path.join(final, "state.pt"), map_location="cpu", weights_only=False, mmap=True)
     if hasattr(policy, "peft_config") or os.path.isdir(os.path.join(final, "adapter")):  # LoRA (lora.py)
-        import lora
+        from plumbing import lora
 
         lora.load_adapter(policy, final)
         weights = policy.state_dict()  # the adapter is in; what follows restores the optimiser state
@@ -220,6 +236,79 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
 def _repair(path: str, final: str) -> None:
     tqdm.write(f"note: {path} is the newest complete checkpoint (a save was interrupted); it becomes {final}")
     _swap_in(path, final, -1)
+
+
+class SkipNonFiniteSteps:
+    """An optimiser whose step is skipped, and counted, when its gradients are not all finite: one NaN step would
+    poison the weights and every later checkpoint. All else is the wrapped optimiser's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer, self.skipped = optimizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.optimizer, name)
+
+    def step(self) -> None:
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # Asked as "any non-finite?" so that a fake-tensor run (benchmarks/memory_plan.py reads every bool as False)
+        # takes the step, as a healthy run does.
+        if grads and bool(~torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+
+
+class NonFiniteStreak:
+    """Steps in a row with a non-finite reward, loss or gradient norm (their updates skipped, see
+    SkipNonFiniteSteps). After `max_steps` of them the run stops, naming the step and the quantity; it also stops
+    when it ends on one: its last updates were skipped and no checkpoint holds them, so it must not look like a
+    finished run (exit 0)."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps, self.count = max_steps, 0
+
+    def __bool__(self) -> bool:  # true while the last step had a non-finite value: no state to checkpoint
+        return self.count > 0
+
+    def update(self, record: dict, step: int, last_step: int) -> None:
+        bad = next((k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)), None)
+        self.count = self.count + 1 if bad or record["nonfinite/skipped_updates"] else 0
+        if self.count >= self.max_steps or (self.count and step == last_step):
+            raise TrainingError(f"step {step}: {bad or 'a gradient norm'} was not finite in {self.count} steps in a row "
+                                "(updates skipped)" + ("" if self.count >= self.max_steps else ", and the run ended there")
+                                + "; lower --policy_lr / --rm_lr or check the reward model, then resume from the last "
+                                "good checkpoint with --resume true")
+
+
+def delete_checkpoints(output_dir: str) -> None:
+    """--overwrite true: the run's checkpoints go (its metrics are started over by `start_metrics`)."""
+    # --- distributed: rank 0 deletes, the others wait for it ---
+    distributed.on_main_process(lambda: [shutil.rmtree(os.path.join(output_dir, CHECKPOINT_DIR + suffix), ignore_errors=True)
+                                         for suffix in ("", ".old", ".tmp")], TrainingError)
+
+
+def start_metrics(path: str, start: int) -> None:
+    """metrics.jsonl as the run starts at step `start`: a fresh run starts a new curve; a resumed one keeps the steps
+    its checkpoint covers and drops any written after it (a crash between checkpoints), since those steps run
+    again. A line a crash cut short is always such a step: it cannot be parsed, and it goes too. Rank 0 only."""
+    if distributed.is_main_process() and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if _metric_step(line) < start]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def append_metrics(path: str, record: dict) -> None:
+    """One line of metrics.jsonl, written by rank 0 (if that fails, every rank stops). Strict JSON: a non-finite
+    value is written as null."""
+    line = json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()})
+
+    def write() -> None:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+    distributed.on_main_process(write, TrainingError)
 
 
 def _metric_step(line: str) -> float:

@@ -1,6 +1,7 @@
 """Where the loop's tensors live and in what precision: the device, bf16, the frozen models' dtypes, the step's
-hidden states in host memory, the bf16 weights the policy generates from. Plumbing of `r2m.train`: none of it
-changes what is computed, only where and in which dtype; each decision is a "Choice:" below.
+hidden states in host memory, the bf16 weights and the blank generation config the policy generates with, the
+float32 reward heads, seeding, and the set-up every model gets (dropout off). Plumbing of `r2m.train`: none of it changes what is computed, only where and in which dtype;
+each decision is a "Choice:" below.
 
 The same code runs on a GPU and on a CPU: `--bf16 true` on a CPU runs the GPU's dtype logic (bf16 frozen models,
 bf16 autocast for what trains, float32 where the code says so) through CPU autocast, so tests can check it.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -72,6 +74,30 @@ def make_runtime(cfg) -> Runtime:
     )
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Choice: dropout off in every model. PPO's ratio π_θ/π_old must be exactly 1 before the first update.
+
+    Not only `nn.Dropout` modules: Hugging Face attention layers keep their dropout rate as a plain float
+    (GPT-NeoX's and Llama's `attention_dropout`) handed to the attention kernel in train mode, and some read
+    it from the config at run time, so every float attribute named "*dropout*" of a module or a config is
+    zeroed too."""
+
+    def zero_dropout_floats(obj) -> None:
+        for name, value in list(vars(obj).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(obj, name, 0.0)
+
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        zero_dropout_floats(module)
+        if hasattr(module, "config") and module.config is not None:
+            for config in (module.config, *(getattr(module.config, k) for k in vars(module.config)
+                                             if k.endswith("_config") and getattr(module.config, k) is not None)):
+                if hasattr(config, "__dict__"):
+                    zero_dropout_floats(config)
+
+
 def cast_parameters(model: nn.Module, dtype: torch.dtype, only_frozen: bool = False) -> None:
     """Cast a model's parameters (or only those that do not train) to `dtype`, leaving its buffers as they are.
 
@@ -97,6 +123,37 @@ def checkpoint_activations(model: nn.Module, enabled: bool = True) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+
+
+def float32_only(x: torch.Tensor):
+    """Autocast off around the reward head (the cross-attention, the Eq. 4 blend and φ).
+    Choice: rewards are computed in float32 even when the frozen bodies run in bf16. bf16 has ~3 significant
+    digits (a step of ≈ 0.016 at |r| ≈ 3), enough to reorder a group's rewards, which moves RLOO advantages
+    and GREBT's argmax / argmin pair."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+@contextlib.contextmanager
+def own_generation_config(model: nn.Module):
+    """Generate with only the settings we pass. transformers fills every generation field we leave unset
+    from the model's own generation_config.json (Qwen2.5-Instruct ships repetition_penalty=1.05, others
+    top_k / top_p / no_repeat_ngram_size ...): each would change the distribution sampled from without
+    entering the log-probs that the PPO ratio divides by. So the model's config is swapped for a blank one
+    while generating."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
 
 
 @contextlib.contextmanager
@@ -171,6 +228,12 @@ class HostRows:
     def _allocate(self, n: int) -> torch.Tensor:
         """One chunk of n rows, (n, *row_shape), uninitialised."""
         return torch.empty((n, *self.row_shape), dtype=self.dtype, pin_memory=self.pin)
+
+    @classmethod
+    def for_policy(cls, rows: int, positions: int, policy: nn.Module, rt: Runtime) -> "HostRows":
+        """Host memory for `rows` trajectories' hidden states, (positions, D_p) each, in the run's hidden dtype."""
+        d_policy = policy.get_output_embeddings().in_features
+        return cls(rows, (positions, d_policy), rt.hidden_dtype, pin=rt.pin_memory)
 
     @classmethod
     def from_tensor(cls, x: torch.Tensor, pin: bool = False) -> "HostRows":
