@@ -43,9 +43,10 @@ def log_calls(log: str) -> None:
 
     from_pretrained = GPTNeoXForCausalLM.from_pretrained.__func__
 
-    def logged_from_pretrained(cls, *args, **kwargs):
-        write("loads the policy")
-        return from_pretrained(cls, *args, **kwargs)
+    def logged_from_pretrained(cls, path, *args, **kwargs):
+        if "checkpoint" in str(path):  # the policy's full weights from a checkpoint, not the script's own loading
+            write("loads the policy")
+        return from_pretrained(cls, path, *args, **kwargs)
 
     checkpoints._swap_in = logged_swap_in
     GPTNeoXForCausalLM.from_pretrained = classmethod(logged_from_pretrained)

@@ -310,9 +310,10 @@ def test_a_run_that_ends_on_nonfinite_steps_exits_non_zero_without_scheduler_war
 
 
 def test_diverging_learning_rate_stops_with_one_line_and_no_checkpoint(tmp_path):
+    """A learning rate that blows the policy up: its sampling probabilities overflow at once. (Non-finite losses and
+    rewards, and their streak, are the infinite-RM tests above.)"""
     out = str(tmp_path / "run")
-    for lr, words in [("1e3", "error: step 2: policy/loss was not finite in 3 steps in a row"),
-                      ("1e6", "error: the policy's sampling probabilities are not finite")]:
+    for lr, words in [("1e6", "error: the policy's sampling probabilities are not finite")]:
         argv = ["--preset", "tiny", "--output_dir", out, "--policy_lr", lr, "--save_every", "1", "--overwrite", "true"]
         assert refused(train_tldr.main, argv).startswith(words)
         strict_metrics(out)

@@ -136,10 +136,11 @@ def test_pretrained_rm_on_two_ranks_fine_tunes_shards_saves_and_resumes_like_one
 
     start = AutoModelForSequenceClassification.from_pretrained(tiny.TINY_MODEL_FOLDERS["tldr_reward_model"]).base_model.state_dict()
     assert any(not torch.equal(bodies[0][k], v) for k, v in start.items())  # it was fine-tuned ...
-    for k in bodies[0]:  # ... alike on 1 and 2 ranks (every minibatch split in two, gradients averaged). Not to the
-        # last bit: AdamW scales a gradient component that is zero but for rounding (key biases) up to ±lr.
-        update = (bodies[0][k] - start[k]).norm()
-        assert (bodies[1][k] - bodies[0][k]).norm() <= 0.01 * update + 1e-6, k
+    # ... alike on 1 and 2 ranks (every minibatch split in two, gradients averaged). Not to the last bit: AdamW scales
+    # a gradient component that is zero but for rounding (a key bias: softmax ignores it) up to ±lr.
+    norm = lambda tensors: sum(float(t.double().pow(2).sum()) for t in tensors) ** 0.5  # noqa: E731
+    update = norm(bodies[0][k] - start[k] for k in start)
+    assert norm(bodies[1][k] - bodies[0][k] for k in start) <= 0.02 * update
     # every rank of a resumed run scores with the saved body: the same rewards on each, and as on one process
     out = str(tmp_path / "rewards.json")
     launch([*TORCHRUN, CHECKS, out, "rm_rewards", os.path.join(two, "checkpoint")])

@@ -192,7 +192,7 @@ def test_lora_flags_end_to_end_with_resume_and_clear_errors(tmp_path, tokenizer)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [0, 1, 2]
 
-    cfg = tiny_cfg(tmp_path, output_dir=out, total_trajectories=128, d_attn=32)
+    cfg = tiny_cfg(tmp_path, output_dir=out, total_trajectories=128, d_attn=32, beta=0.1)  # the preset's β
     rm = r2m.R2MRewardModel(tiny.build_reward_model(tokenizer, seed=1), d_policy=64, d_attn=32)
     cases = [
         (lambda: checkpoints.load_checkpoint(out, tiny.build_policy(tokenizer), rm, {}, {}, cfg), "holds a LoRA adapter"),
