@@ -58,11 +58,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from tqdm.auto import tqdm
 
 # plumbing/: what the loop leans on, none of it the algorithm. devices: where tensors live and in what precision;
-# distributed: FSDP2 / torchrun helpers, each a no-op on one process; data: batches and the RM's view of a trajectory
-# checkpoints: checkpoint and metrics files, resuming, non-finite guards; reporting: what the console shows
+# distributed: FSDP2 / torchrun helpers, each a no-op on one process; data: batches and the RM's view of a
+# trajectory; checkpoints: checkpoint and metrics files, resuming, non-finite guards; reporting: the console
 from plumbing import devices, distributed, flag_ranges, reporting
 from plumbing.checkpoints import (
     CHECKPOINT_DIR,
@@ -1346,7 +1345,7 @@ def train(
         nonfinite.update(record, step, last_step=T - 1)
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == T - 1):
             if nonfinite:  # a step with non-finite values is no state to resume from
-                tqdm.write(f"step {step}: no checkpoint after non-finite values; the last good one stays")
+                distributed.print0(f"step {step}: no checkpoint after non-finite values; the last good one stays")
             else:
                 save_checkpoint(cfg.output_dir, step, policy, tokenizer, reward_model, optimizers, schedulers, cfg)
     return history
