@@ -3,7 +3,7 @@
     python train_tldr.py                                  # paper settings: RLOO + R2M, 122 steps of 2048 x 4
     python train_tldr.py --algo grpo --reward vanilla     # a baseline
     python train_tldr.py --preset tiny                    # offline, CPU, the shipped tiny models, < 1 minute
-    torchrun --nproc_per_node 8 train_tldr.py             # the same run on 8 GPUs (README "More than one GPU")
+    torchrun --nproc_per_node 8 train_tldr.py             # the same run on 8 GPUs (docs/scale.md)
 
 Everything algorithmic lives in r2m.py; this file loads data and models and calls `r2m.train` (through
 launch/runner.py). Its flags and presets (`TLDRArgs`, `TLDR_PRESETS`) are in launch/flags.py.

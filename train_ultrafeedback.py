@@ -4,7 +4,7 @@
     python train_ultrafeedback.py --preset qwen            # Qwen2.5-3B-Instruct policy (lr 6e-6, Ω = 0.7)
     python train_ultrafeedback.py --reward brme --brme_preference_file prefs.jsonl
     python train_ultrafeedback.py --preset tiny            # offline, CPU, the shipped tiny chat models, < 1 minute
-    torchrun --nproc_per_node 8 train_ultrafeedback.py     # the 8B preset on 8 GPUs (README "More than one GPU")
+    torchrun --nproc_per_node 8 train_ultrafeedback.py     # the 8B preset on 8 GPUs (docs/scale.md)
 
 The policy reads each prompt through its own chat template; the RM (Skywork-Reward-V2-Llama-3.1-8B) reads the
 raw prompt and the decoded response through *its* chat template and tokenizer. Policy and RM differ in

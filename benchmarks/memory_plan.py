@@ -15,7 +15,7 @@ step has. It prints each phase's predicted peak of allocated memory, what stays 
 the peak of host memory (the models before they move to the GPU; a step's hidden states in pinned memory), and a
 verdict line: `predicted peak X.X GiB of Y GiB (phase P): fits with Z.Z GiB to spare`.
 
-What it cannot see (keep a margin for it, see README "What it costs"): the CUDA context and cuBLAS/cuDNN
+What it cannot see (keep a margin for it, see docs/scale.md): the CUDA context and cuBLAS/cuDNN
 workspaces, the caching allocator's fragmentation and rounding, kernel-internal temporaries, and the differences
 between CPU autocast (used here: fake CPU tensors stand in for the GPU, since backward on fake CUDA tensors
 needs a real device) and CUDA autocast's op lists.

@@ -8,7 +8,7 @@ statistics never cross ranks), samples and scores them, and the updates average 
                   reduce-scatter.
     ref policy,   FSDP2 too, forward only. Choice: sharded rather than replicated. At the 8B dialogue preset a
     RM body       replicated bf16 copy of each is 16 GB per GPU; sharded 8 ways it is 2 GB, which leaves the
-                  room for the generation KV cache and the unsharded policy (README "More than one GPU").
+                  room for the generation KV cache and the unsharded policy (docs/scale.md).
                   They run only full-batch forwards, one all-gather per layer per forward, never per token.
     R2M head      (cross-attention + score head, or BRME's heads): small, replicated on every rank, made
                   equal at start by a broadcast from rank 0; its gradients are averaged by `average_gradients`.
