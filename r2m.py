@@ -26,7 +26,7 @@ This file reads in the order of the paper's Algorithm 1:
 
 What the loop leans on but is not the algorithm lives in plumbing/ (imported below, never importing this file):
 checkpoints and metrics files, resuming, non-finite guards (`plumbing.checkpoints`), N processes
-(`plumbing.distributed`: the lines marked `--- distributed`), devices, precision and host memory
+(`plumbing.distributed`: the lines marked `--- distributed`), devices, precision, host memory and the models' set-up
 (`plumbing.devices`), batches and the RM's view of a trajectory (`plumbing.data`), console output
 (`plumbing.reporting`) and flag ranges (`plumbing.flag_ranges`).
 
@@ -1126,31 +1126,6 @@ def reward_model_update(
 # ----------------------------------------------------------------------------------------------------
 
 
-def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, rt: Runtime,
-                   fine_tune_body: bool = False) -> None:
-    """Dropout off, dtypes, what trains: done where the models were loaded, before they are placed on the device
-    (moved whole, or FSDP-sharded across processes).
-
-    Choice: the policy and the trainable reward-model parts are float32 master weights (under bf16 autocast with
-    --bf16: a 3e-6 or 5e-7 step on a bf16 weight is mostly lost to rounding); the frozen reference policy and RM
-    body are stored in bf16 with --bf16, their parameters only (`devices.cast_parameters`: the rotary frequencies
-    stay float32). fine_tune_body: the Pretrained-RM baseline trains the RM body before RL, in float32 until then."""
-    for m in (policy, ref_policy, reward_model):
-        devices.disable_dropout(m)
-    for p in policy.parameters():  # float32 masters; LoRA (plumbing/lora.py): the frozen base like the ref
-        p.data = p.data.to(torch.float32 if p.requires_grad else rt.frozen_dtype)
-    devices.cast_parameters(ref_policy, rt.frozen_dtype)
-    ref_policy.eval().requires_grad_(False)
-    devices.cast_parameters(reward_model.reward_model, torch.float32 if fine_tune_body else rt.frozen_dtype)
-    reward_model.reward_model.eval()
-    for module in reward_model.children():  # the heads that train (R2M's, BRME's): float32 masters
-        if module is not reward_model.reward_model:
-            devices.cast_parameters(module, torch.float32)
-    if rt.gradient_checkpointing:
-        devices.checkpoint_activations(policy)
-        policy.config.use_cache = True  # generation still uses the KV cache (checkpointing only in train mode)
-
-
 @torch.no_grad()
 def feedback_diagnostics(reward_model, feedback_init: Optional[list], feedback_reward: torch.Tensor,
                          rewards: torch.Tensor) -> dict:
@@ -1216,7 +1191,7 @@ def train(
     # --- seeding (sampling differs per rank: seed + rank) -----------------------------------------------
     devices.seed_everything(cfg.seed + rank)
     rt = devices.make_runtime(cfg)
-    prepare_models(policy, ref_policy, reward_model, rt, fine_tune_body=mode.pretrain and not resuming)
+    devices.prepare_models(policy, ref_policy, reward_model, rt, fine_tune_body=mode.pretrain and not resuming)
     # --- distributed: FSDP2-shard the models across ranks, each keeping its shard on its device; on one process
     # they move to the device whole ---
     distributed.place_models(policy, ref_policy, reward_model, rt.device, bf16_compute=rt.autocast_dtype is not None)

@@ -260,7 +260,8 @@ class Recorder:
 def gpu_standins(counter: LiveBytes, rec: Recorder):
     """Make r2m.train behave as on a GPU while running on (fake) CPU tensors, and mark the phases."""
     original = {name: getattr(r2m, name) for name in ("rollout", "annotate_rewards", "policy_update",
-                                                       "reward_model_update", "prepare_models", "pretrain_reward_model")}
+                                                       "reward_model_update", "pretrain_reward_model")}
+    original["prepare_models"] = devices.prepare_models
     allocate, place = devices.HostRows._allocate, distributed.place_models
 
     def prepare_models(policy, ref_policy, reward_model, rt, **kwargs):
@@ -324,13 +325,13 @@ def gpu_standins(counter: LiveBytes, rec: Recorder):
 
     with contextlib.ExitStack() as stack:
         for name, value in [
-            ("prepare_models", prepare_models),
             ("rollout", rollout), ("annotate_rewards", rec.phase("RM annotation", original["annotate_rewards"])),
             ("policy_update", policy_update),
             ("reward_model_update", rec.phase("RM update (GREBT)", original["reward_model_update"])),
             ("pretrain_reward_model", rec.phase(BEFORE_RL, original["pretrain_reward_model"])),
         ]:
             stack.enter_context(patched(r2m, name, value))
+        stack.enter_context(patched(devices, "prepare_models", prepare_models))
         stack.enter_context(patched(distributed, "place_models", place_models))
         stack.enter_context(patched(devices.HostRows, "_allocate", allocate_host_rows))
         stack.enter_context(patched(torch.optim, "AdamW", AdamW))

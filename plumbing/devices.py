@@ -1,7 +1,8 @@
 """Where the loop's tensors live and in what precision: the device, bf16, the frozen models' dtypes, the step's
 hidden states in host memory, the bf16 weights and the blank generation config the policy generates with, the
-float32 reward heads, seeding, and the set-up every model gets (dropout off). Plumbing of `r2m.train`: none of it changes what is computed, only where and in which dtype;
-each decision is a "Choice:" below.
+float32 reward heads, seeding, and the set-up every model gets before it is placed (`prepare_models`: dropout
+off, dtypes, what trains). Plumbing of `r2m.train`: none of it changes what is computed, only where and in which
+dtype; each decision is a "Choice:" below.
 
 The same code runs on a GPU and on a CPU: `--bf16 true` on a CPU runs the GPU's dtype logic (bf16 frozen models,
 bf16 autocast for what trains, float32 where the code says so) through CPU autocast, so tests can check it.
@@ -123,6 +124,31 @@ def checkpoint_activations(model: nn.Module, enabled: bool = True) -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+
+
+def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module, rt: Runtime,
+                   fine_tune_body: bool = False) -> None:
+    """Dropout off, dtypes, what trains: done where the models were loaded, before they are placed on the device
+    (moved whole, or FSDP-sharded across processes).
+
+    Choice: the policy and the trainable reward-model parts are float32 master weights (under bf16 autocast with
+    --bf16: a 3e-6 or 5e-7 step on a bf16 weight is mostly lost to rounding); the frozen reference policy and RM
+    body are stored in bf16 with --bf16, their parameters only (`cast_parameters`: the rotary frequencies
+    stay float32). fine_tune_body: the Pretrained-RM baseline trains the RM body before RL, in float32 until then."""
+    for m in (policy, ref_policy, reward_model):
+        disable_dropout(m)
+    for p in policy.parameters():  # float32 masters; LoRA (plumbing/lora.py): the frozen base like the ref
+        p.data = p.data.to(torch.float32 if p.requires_grad else rt.frozen_dtype)
+    cast_parameters(ref_policy, rt.frozen_dtype)
+    ref_policy.eval().requires_grad_(False)
+    cast_parameters(reward_model.reward_model, torch.float32 if fine_tune_body else rt.frozen_dtype)
+    reward_model.reward_model.eval()
+    for module in reward_model.children():  # the heads that train (R2M's, BRME's): float32 masters
+        if module is not reward_model.reward_model:
+            cast_parameters(module, torch.float32)
+    if rt.gradient_checkpointing:
+        checkpoint_activations(policy)
+        policy.config.use_cache = True  # generation still uses the KV cache (checkpointing only in train mode)
 
 
 def float32_only(x: torch.Tensor):

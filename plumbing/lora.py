@@ -54,7 +54,7 @@ class AdapterDisabledReference(nn.Module):
     """π_ref of a LoRA policy: the policy's own forward with the adapter switched off.
 
     The policy is held as a plain attribute, NOT a registered submodule, so this module owns no parameters:
-    whatever the loop does to "the reference" (r2m.prepare_models casts it to the frozen dtype, freezes it with
+    whatever the loop does to "the reference" (devices.prepare_models casts it to the frozen dtype, freezes it with
     requires_grad_(False), switches it to eval) cannot reach the shared weights and freeze the adapter."""
 
     def __init__(self, policy: nn.Module):

@@ -61,7 +61,7 @@ def rm_rewards(out: str, checkpoint: str) -> None:
     reward_model = r2m.R2MRewardModel(tiny.build_reward_model(tokenizer, seed=1), d_policy=64, d_attn=cfg.d_attn)
     distributed.setup("cpu")
     rt = devices.make_runtime(cfg)
-    r2m.prepare_models(policy, ref_policy, reward_model, rt)
+    devices.prepare_models(policy, ref_policy, reward_model, rt)
     distributed.place_models(policy, ref_policy, reward_model, rt.device, bf16_compute=False)
     reward_model.load_trainable_state_dict(state["reward_model"])
     chosen, _ = data.preference_views(tiny.PREFERENCES_TINY, data.make_rm_view(tokenizer))

@@ -69,7 +69,7 @@ def main(out: str) -> None:
     rows = tiny.synthetic_tldr_rows(cfg.queries_per_step, seed=3)
     prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"][-48:] for r in rows]
     rt = devices.make_runtime(cfg)
-    r2m.prepare_models(policy, ref_policy, reward_model, rt)
+    devices.prepare_models(policy, ref_policy, reward_model, rt)
     mode = r2m.REWARD_MODES["r2m"]
 
     torch.manual_seed(5)  # the same trajectories for every process count

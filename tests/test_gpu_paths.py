@@ -71,7 +71,7 @@ def test_frozen_models_keep_float32_rotary_frequencies(tmp_path, tokenizer, arch
     ref = copy.deepcopy(policy)
     reward_model = r2m.R2MRewardModel(tiny.build_reward_model(tokenizer, arch=arch), d_policy=64, d_attn=16)
     rt = devices.make_runtime(bf16_cfg(tmp_path))
-    r2m.prepare_models(policy, ref, reward_model, rt)
+    devices.prepare_models(policy, ref, reward_model, rt)
     for model in (ref, reward_model.reward_model):
         frequencies = [b for name, b in model.named_buffers() if name.endswith("inv_freq")]
         assert frequencies and all(b.dtype == torch.float32 for b in frequencies)
@@ -94,7 +94,7 @@ def test_reference_log_probs_track_the_policy_on_a_long_sequence(tmp_path, token
     policy = long_context_llama(tokenizer)
     ref, rm = copy.deepcopy(policy), tiny.build_reward_model(tokenizer)
     rt = devices.make_runtime(bf16_cfg(tmp_path))
-    r2m.prepare_models(policy, ref, r2m.R2MRewardModel(rm, d_policy=64, d_attn=16), rt)
+    devices.prepare_models(policy, ref, r2m.R2MRewardModel(rm, d_policy=64, d_attn=16), rt)
     torch.manual_seed(1)
     ids = torch.randint(5, len(tokenizer), (4, 600))
     mask = torch.ones_like(ids)

@@ -102,7 +102,7 @@ def test_frozen_base_is_stored_like_the_reference_and_the_adapter_stays_float32(
     reward_model = r2m.R2MRewardModel(tiny.build_reward_model(tokenizer, seed=1), d_policy=64, d_attn=16)
     cfg = tiny_cfg(tmp_path, bf16=True)  # --bf16 true: the GPU's dtypes, on the CPU
     rt = devices.make_runtime(cfg)
-    r2m.prepare_models(policy, ref, reward_model, rt)
+    devices.prepare_models(policy, ref, reward_model, rt)
     for k, p in policy.named_parameters():
         if ".lora_" in k:
             assert p.dtype == torch.float32 and p.requires_grad, k
