@@ -114,7 +114,8 @@ def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts
         history = train(policy, ref_policy, reward_model, tokenizer, prompts, cfg, prompt_texts=prompt_texts,
                         rm_view=None if shares_ids else rm_view, rm_pad_id=data.pad_token_id(rm_tokenizer),
                         tracker=tracker, preferences=preferences)
-        distributed.print0(summary(cfg, options, task))
+        if distributed.is_main_process():  # --- distributed: rank 0 wrote metrics.jsonl and the checkpoint ---
+            distributed.print0(summary(cfg, options, task))
         return history
     except TrainingError as e:
         raise SystemExit(f"error: {e}")
