@@ -18,7 +18,6 @@ import shutil
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from plumbing import distributed
 
@@ -234,7 +233,7 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
 
 
 def _repair(path: str, final: str) -> None:
-    tqdm.write(f"note: {path} is the newest complete checkpoint (a save was interrupted); it becomes {final}")
+    distributed.print0(f"note: {path} is the newest complete checkpoint (a save was interrupted); it becomes {final}")
     _swap_in(path, final, -1)
 
 
@@ -283,9 +282,11 @@ class NonFiniteStreak:
 
 def delete_checkpoints(output_dir: str) -> None:
     """--overwrite true: the run's checkpoints go (its metrics are started over by `start_metrics`)."""
-    # --- distributed: rank 0 deletes, the others wait for it ---
-    distributed.on_main_process(lambda: [shutil.rmtree(os.path.join(output_dir, CHECKPOINT_DIR + suffix), ignore_errors=True)
-                                         for suffix in ("", ".old", ".tmp")], TrainingError)
+    def delete() -> None:
+        for suffix in ("", ".old", ".tmp"):
+            shutil.rmtree(os.path.join(output_dir, CHECKPOINT_DIR + suffix), ignore_errors=True)
+
+    distributed.on_main_process(delete, TrainingError)  # --- distributed: rank 0 deletes, the others wait for it ---
 
 
 def start_metrics(path: str, start: int) -> None:
