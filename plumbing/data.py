@@ -82,7 +82,6 @@ def step_prompt_indices(num_prompts: int, n: int, step: int, seed: int) -> list[
 TLDR_SUFFIX = "TL;DR:"
 
 
-
 def tokenize_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
     """Prompt ids of at most max_tokens. A long post is truncated; the final 'TL;DR:' cue never is, because
     the policy was trained to write its summary right after it."""
@@ -137,7 +136,6 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 RMView = Callable[[str, str], list[int]]  # (prompt text, response text) -> the RM's token ids
-
 
 
 def make_rm_view(rm_tokenizer, render: Optional[Callable[[str, str], str]] = None) -> RMView:

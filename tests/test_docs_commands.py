@@ -83,8 +83,9 @@ def help_text(*script: str) -> str:
 def runs_on_cpu(command: str) -> bool:
     if any(w.startswith("benchmarks/") for w in words(command)[:2]):
         return False  # the benchmarks are run by tests/test_shipped_scripts.py (fewer repeats: the suite's time)
-    return any(mark in command for mark in ("--preset tiny", "--size tiny", "launch.tiny --save-models", "plot_run.py",
-                                            "cat > ", "--config my_run.yaml", "--config runs/from_yaml")) or ("eval_judge.py" in command and "tiny" in command)
+    marks = ("--preset tiny", "--size tiny", "launch.tiny --save-models", "plot_run.py", "cat > ", "--config my_run.yaml",
+             "--config runs/from_yaml")
+    return any(mark in command for mark in marks) or ("eval_judge.py" in command and "tiny" in command)
 
 
 DOCS_RUN_ON_CPU = [doc for doc in DOCS if any(runs_on_cpu(c) for c in commands(doc))]  # the others: flags only
