@@ -13,9 +13,15 @@ Defaults: policy trl-lib/pythia-2.8b-deduped-tldr-sft, RM trl-lib/pythia-2.8b-de
 
 from __future__ import annotations
 
-from launch import runner
-from launch.flags import TLDR_PRESETS, TLDRArgs, parse_flags  # this script's flags and presets
-from plumbing import data
+import os
+
+# A run grows and frees the generation cache every step at a new prompt length: expandable segments keep the CUDA
+# allocator from fragmenting over 122 steps. Set before CUDA starts; a user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+from launch import runner  # noqa: E402
+from launch.flags import TLDR_PRESETS, TLDRArgs, parse_flags  # noqa: E402  (this script's flags and presets)
+from plumbing import data  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:

@@ -1,34 +1,52 @@
-"""One short check that the one-GPU run is right on CUDA, sized for the time a GPU is lent: at most 8 minutes on one
-H100 / H200, model builds included. It needs torch and transformers only (no `datasets`, no downloads).
+"""One short check that the one-GPU run is right on CUDA, sized for a short GPU rental: at most 6 minutes on one
+H100 / H200, process starts and model builds included. It needs torch and transformers only (no `datasets`, no
+downloads). docs/scale.md gives the command for a rented GPU and says what to read in its table.
 
-    python benchmarks/gpu_check.py                         # one GPU; writes runs/gpu_check/gpu_check.{json,md}
-    python benchmarks/gpu_check.py --size tiny --device cpu  # the same checks at a tiny size (its test runs this)
+    python benchmarks/gpu_check.py --output_dir runs/gpu_check    # one GPU
+    python benchmarks/gpu_check.py --rehearse                      # the same code path on a CPU, tiny sizes (< 3 min)
 
-1. Smoke runs of both training scripts' real entry points (train_tldr.py, train_ultrafeedback.py) on small random
-   models that the check saves as Hugging Face folders first: `from_pretrained`, `--bf16 true` (the frozen models
-   loaded in bf16; the default on a GPU), 3 steps with a checkpoint after each; the first run is killed between the two renames of step 1's save (the
-   crash-injection variable the crash tests use) and `--resume true` must finish it from that checkpoint.
-2. One full-size TL;DR step (Pythia-2.8B's architecture, random weights) with the default batch sizes but 64 prompts
-   x 4, so every phase runs at its full micro-batch size: vanilla and R2M, each in a fresh process, a warm-up step
-   and a measured one. Per phase: seconds, torch.cuda.max_memory_allocated / max_memory_reserved, beside the
-   memory plan's prediction for the same flags (benchmarks/memory_plan.py, run at the same time on the CPU);
-   tokens/s and the policy update's MFU; the full default step (2048 x 4) and the full run (T = 122 steps)
-   extrapolated from per-trajectory rates; R2M / vanilla ratios of time and memory.
-The last lines printed are the markdown table that gpu_check.md holds.
+Its parts, in order; each appends its line to `results.jsonl` in --output_dir as it ends (flushed), so a check that
+its time limit stops still says how far it got and what it measured:
+0. configs: every config file in benchmarks/configs/ becomes a model through `launch.configs.model_config`, the
+   function the full-size step and the memory plan build from (on the meta device: no memory, no time); in a
+   rehearsal each is also cut to a tiny size, built and run forward.
+1. smoke runs of both training scripts' real entry points (train_tldr.py, train_ultrafeedback.py) on small random
+   models saved as Hugging Face folders first: `from_pretrained`, `--bf16 true`, 3 steps with a checkpoint after
+   each; the first run is killed between the two renames of step 1's save and `--resume true` must finish it.
+2. one full-size TL;DR step (Pythia-2.8B's architecture, random weights) with the default batch sizes but 64
+   prompts x 4, so every phase runs at its full micro-batch size: vanilla and R2M, each in a fresh process, a
+   warm-up step and a measured one. Per phase: seconds and torch.cuda.max_memory_allocated / max_memory_reserved,
+   beside the memory plan's prediction for the same flags (benchmarks/memory_plan.py, run on the CPU meanwhile);
+   tokens/s and the policy update's MFU; the full default step (2048 x 4) and run (T = 122) extrapolated from
+   per-trajectory rates; R2M / vanilla ratios.
+3. the device's dense matmul rate.
+
+Every child process and subprocess gets at most the time the budget has left (--budget_seconds). One that fails is
+reported at once (the last lines of its exception, or its exit code and signal) and the check goes on to its next
+part; it exits non-zero at the end if any part failed or did not run. The last lines printed are the markdown table
+that gpu_check.md holds.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import multiprocessing as mp
 import os
-import queue as queue_module
-import subprocess
-import sys
-import tempfile
-import time
+
+# Generation grows and frees its KV cache every step, at a new prompt length each time: expandable segments keep
+# the CUDA caching allocator from fragmenting (set before torch starts CUDA; a user's own setting wins).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import queue as queue_module  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from typing import Optional  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,25 +56,153 @@ PHASES = ["generation", "old/ref log-probs", "RM annotation", "policy update", "
 # the memory plan's phases, as measured here (the plan splits the policy update into forward/backward and AdamW)
 PLAN_PHASES = {"generation": ["generation"], "old/ref log-probs": ["old/ref log-probs"], "RM annotation": ["RM annotation"],
                "policy update": ["policy forward/backward", "policy AdamW step"], "RM update (GREBT)": ["RM update (GREBT)"]}
-TINY_CONFIG = dict(model_type="gpt_neox", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25, use_parallel_residual=True,
-                   hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False)
+STEP_CONFIG = "pythia-2.8b.json"  # the TL;DR policy and RM architecture
 SIZES = {
-    # the TL;DR defaults (SPEC §5) but 64 prompts x 4: 4 generation batches of 64, 8 forward batches of 32, 32
-    # micro-batches of 8 per epoch, 2 GREBT minibatches of 32 groups
-    "full": dict(config="pythia-2.8b.json", queries_per_step=64, group_size=4, max_new_tokens=50, prompt_tokens=512,
-                 generation_batch_size=64, forward_batch_size=32, micro_batch_size=8, policy_minibatch_size=256,
-                 rm_minibatch_groups=32, d_attn=2048),
-    "tiny": dict(config=None, queries_per_step=8, group_size=4, max_new_tokens=8, prompt_tokens=32,
-                 generation_batch_size=16, forward_batch_size=8, micro_batch_size=4, policy_minibatch_size=16,
-                 rm_minibatch_groups=4, d_attn=32),
+    # the TL;DR defaults but 64 prompts x 4: 4 generation batches of 64, 8 forward batches of 32, 32 micro-batches of 8
+    # per epoch, 2 GREBT minibatches of 32 groups
+    "full": dict(queries_per_step=64, group_size=4, max_new_tokens=50, prompt_tokens=512, generation_batch_size=64,
+                 forward_batch_size=32, micro_batch_size=8, policy_minibatch_size=256, rm_minibatch_groups=32, d_attn=2048),
+    # the same config file cut to a tiny size (launch.configs.TINY), at step sizes a CPU runs in seconds
+    "tiny": dict(queries_per_step=8, group_size=4, max_new_tokens=8, prompt_tokens=32, generation_batch_size=16,
+                 forward_batch_size=8, micro_batch_size=4, policy_minibatch_size=16, rm_minibatch_groups=4, d_attn=32),
 }
 DEFAULT_RUN = dict(queries_per_step=2048, group_size=4, total_steps=122)  # what the extrapolation scales to
 NOMINAL_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM), for a second MFU figure
+RESULTS = "results.jsonl"
 
 
-def log(t0: float, message: str) -> None:
-    print(f"[{time.perf_counter() - t0:5.0f}s] {message}", flush=True)
+class Budget:
+    """The check's time: every part, child process and subprocess gets at most what is left."""
+
+    def __init__(self, seconds: float):
+        self.start = time.monotonic()
+        self.end = self.start + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+class Results:
+    """results.jsonl: one line per part, appended and flushed to disk as the part ends."""
+
+    def __init__(self, folder: str, budget: Budget):
+        os.makedirs(folder, exist_ok=True)
+        self.path, self.budget, self.parts = os.path.join(folder, RESULTS), budget, {}
+        open(self.path, "w").close()
+
+    def add(self, part: str, result: dict) -> dict:
+        result = {"part": part, "ok": "error" not in result, "at_seconds": round(self.budget.elapsed(), 1), **result}
+        self.parts[part] = result
+        with open(self.path, "a") as f:
+            f.write(json.dumps(result, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"[{result['at_seconds']:5.0f}s] {part}: " + ("ok" if result["ok"] else f"FAILED: {result['error']}"),
+              flush=True)
+        return result
+
+
+def last_lines(text: str, n: int = 3) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[-n:]) if lines else "(no output)"
+
+
+def exit_description(code: int | None) -> str:
+    """A process's exit code in words: 'exit code 3', 'killed by SIGKILL'."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Child processes: a result, or the error, within seconds of the child's end
+# ----------------------------------------------------------------------------------------------------
+
+
+def _child(target, args: tuple, results, log: Optional[str]) -> None:
+    if log:  # the child's own output (progress bars, step lines) goes to a file, not among the check's lines
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    try:
+        results.put(target(*args))
+    except BaseException:  # noqa: BLE001 - whatever stops the child is what the check reports
+        results.put({"error": last_lines(traceback.format_exc())})
+
+
+def run_child(target, args: tuple, timeout: float, log: Optional[str] = None) -> dict:
+    """target(*args) in a fresh (spawned) process -> the dict it returns, or {"error": ...}: its exception's last
+    lines, or, if it died without a word (os._exit, a signal, the OOM killer), its exit code or signal, seen within a
+    second; or that it ran out of its `timeout` (then it is killed). log: a file for the child's output."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(target, args, results, log), daemon=True)
+    proc.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                return results.get(timeout=0.5)
+            except queue_module.Empty:
+                pass
+            if not proc.is_alive():
+                try:  # it may have put its result just before it ended
+                    return results.get(timeout=2)
+                except queue_module.Empty:
+                    return {"error": f"the process ended without a result ({exit_description(proc.exitcode)})"}
+            if time.monotonic() >= deadline:
+                return {"error": f"no result within its {timeout:.0f} s of the budget"}
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=10)
+
+
+def run_command(command: list[str], budget: Budget, env: dict) -> subprocess.CompletedProcess:
+    """A subprocess given what the budget has left; TimeoutExpired when that runs out (it is killed)."""
+    left = budget.left()
+    if left < 1:
+        raise subprocess.TimeoutExpired(command, 0)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=left)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 0. The config files become models
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_configs(rehearse: bool) -> dict:
+    """Every shipped config through `launch.configs.model_config`: built at full size on the meta device (shapes
+    only); in a rehearsal also cut to a tiny size, built on the CPU and run forward."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from launch import configs
+
+    out, failed = {}, []
+    for path in configs.shipped_configs():
+        name = os.path.basename(path)
+        try:
+            with torch.device("meta"):
+                params = sum(p.numel() for p in AutoModelForCausalLM.from_config(configs.model_config(path)).parameters())
+            out[name] = f"{params / 1e9:.2f}B parameters"
+            if rehearse:
+                tiny = configs.model_config(path, tiny=True, num_labels=1)
+                ids = torch.randint(1, tiny.vocab_size, (2, 8))
+                with torch.no_grad():
+                    AutoModelForCausalLM.from_config(tiny)(ids)
+                    AutoModelForSequenceClassification.from_config(tiny)(ids)
+                out[name] += ", tiny cut runs"
+        except BaseException as e:  # noqa: BLE001 - SystemExit from a bad file too: reported, not fatal
+            failed.append(name)
+            out[name] = f"FAILED: {type(e).__name__}: {last_lines(str(e), 1)}"
+    return {"configs": out, **({"error": f"{', '.join(failed)} did not build"} if failed else {})}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,8 +231,8 @@ def save_small_models(folder: str, script: str) -> tuple[str, str]:
     return paths
 
 
-def smoke(script: str, folder: str, device: str, timeout: float) -> dict:
-    """3 steps of a script's real entry point, killed mid-save at step 1 and resumed. -> what happened."""
+def smoke(script: str, folder: str, device: str, budget: Budget) -> dict:
+    """3 steps of a script's real entry point, killed mid-save at step 1 and resumed -> what happened."""
     from launch import tiny
 
     policy, rm = save_small_models(os.path.join(folder, "models"), script)
@@ -101,9 +247,11 @@ def smoke(script: str, folder: str, device: str, timeout: float) -> dict:
     command = [sys.executable, os.path.join(ROOT, script), *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     t = time.perf_counter()
-    killed = subprocess.run(command, env={**env, "R2M_TEST_KILL_BETWEEN_RENAMES": "1"}, capture_output=True, text=True,
-                            timeout=timeout)
-    resumed = subprocess.run([*command, "--resume", "true"], env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        killed = run_command(command, budget, {**env, "R2M_TEST_KILL_BETWEEN_RENAMES": "1"})
+        resumed = run_command([*command, "--resume", "true"], budget, env)
+    except subprocess.TimeoutExpired:
+        return {"error": "out of the budget's time", "seconds": round(time.perf_counter() - t, 1)}
     result = {"seconds": round(time.perf_counter() - t, 1), "killed_exit": killed.returncode,
               "resumed_exit": resumed.returncode}
     try:
@@ -111,28 +259,17 @@ def smoke(script: str, folder: str, device: str, timeout: float) -> dict:
             result["steps"] = [json.loads(line)["step"] for line in f]
     except (OSError, ValueError):
         result["steps"] = []
-    log_text = resumed.stdout + resumed.stderr
-    result["ok"] = (killed.returncode == -9 and resumed.returncode == 0 and result["steps"] == [0, 1, 2]
-                    and "at step 2/3" in log_text)
-    if not result["ok"]:
-        result["error"] = (killed.stderr + resumed.stderr).strip().splitlines()[-3:]
+    if not (killed.returncode == -9 and resumed.returncode == 0 and result["steps"] == [0, 1, 2]
+            and "at step 2/3" in resumed.stdout + resumed.stderr):
+        result["error"] = (f"killed run: {exit_description(killed.returncode)}, resumed run: "
+                           f"{exit_description(resumed.returncode)}, steps {result['steps']}: "
+                           + last_lines(killed.stderr + resumed.stderr))
     return result
 
 
 # ----------------------------------------------------------------------------------------------------
 # 2. One full-size step, each variant in a fresh process; the memory plan beside it
 # ----------------------------------------------------------------------------------------------------
-
-
-def config_paths(size: dict, folder: str) -> tuple[str, str]:
-    """The policy's and the RM's config.json (the same architecture for both, as on TL;DR)."""
-    if size["config"]:
-        path = os.path.join(ROOT, "benchmarks", "configs", size["config"])
-    else:
-        path = os.path.join(folder, "tiny_config.json")
-        with open(path, "w") as f:
-            json.dump(TINY_CONFIG, f)
-    return path, path
 
 
 def step_config(variant: str, size: dict, device: str, output_dir: str):
@@ -144,24 +281,22 @@ def step_config(variant: str, size: dict, device: str, output_dir: str):
                          sample_every=0, overwrite=True, output_dir=output_dir, seed=0)
 
 
-def measure(variant: str, size: dict, device: str, config: str, output_dir: str, results) -> None:
-    """A fresh process: build the models (random weights, on the device), run a warm-up and a measured step of
-    `r2m.train`, and report the measured step's phases. The phases are timed and their peak memory read around
-    r2m's own functions (patched here only)."""
+def measure(variant: str, size: dict, device: str, config: str, tiny: bool, output_dir: str) -> dict:
+    """In a fresh process: build the models from `config` (random weights, on the device), run a warm-up and a
+    measured step of `r2m.train`, and report the measured step's phases. The phases are timed and their peak memory
+    read around r2m's own functions (patched here only)."""
     import copy
     import random
+    from types import SimpleNamespace
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import r2m
-    from launch import runner
+    from launch import configs, runner
 
     torch.manual_seed(0)
-    with open(config) as f:
-        spec = json.load(f)
-    model_config = AutoConfig.for_model(spec.pop("model_type"), **spec, pad_token_id=0, eos_token_id=0, bos_token_id=0)
-    model_config.num_labels = 1
+    model_config = configs.model_config(config, tiny=tiny, num_labels=1)
     t_build = time.perf_counter()
     with torch.device(device):  # random weights made on the GPU: 2.8B of them on a CPU take minutes
         policy = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
@@ -222,19 +357,18 @@ def measure(variant: str, size: dict, device: str, config: str, output_dir: str,
     rng = random.Random(0)
     prompts = [[rng.randrange(1, model_config.vocab_size) for _ in range(size["prompt_tokens"])]
                for _ in range(4 * size["queries_per_step"])]
-    from types import SimpleNamespace
-
-    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=0, decode=lambda *a, **k: "")
+    # pad 0; an EOS id outside the vocabulary is never sampled, so every response has max_new_tokens tokens
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=model_config.vocab_size + 1, decode=lambda *a, **k: "")
     params = sum(p.numel() for p in policy.parameters()) - policy.get_input_embeddings().weight.numel()
     reward_model = runner.build_reward(cfg, rm, policy)
     history = r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, cfg)
     measured = history[-1]
-    results.put({
+    return {
         "variant": variant, "build_seconds": build_seconds, "step_seconds": measured["time/step"],
         "response_length": measured["response/length"], "policy_params": params,
         "gradient_checkpointing": cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
         "phases": {name: v for (s, name), v in phases.items() if s == 1},
-    })
+    }
 
 
 def start_plan(variant: str, size: dict, config: str, folder: str) -> tuple[subprocess.Popen, str]:
@@ -252,35 +386,21 @@ def start_plan(variant: str, size: dict, config: str, folder: str) -> tuple[subp
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
 
 
-def finish_plan(process: subprocess.Popen, out: str, timeout: float) -> dict:
-    """What the plan predicts per phase of this check (step 2 of the plan: the steady state, as the measured step)."""
+def finish_plan(process: subprocess.Popen, out: str, budget: Budget) -> dict:
+    """What the plan predicts per phase of this check (step 2 of the plan: the steady state, as the measured step);
+    the plan is given what the budget has left, then stopped."""
     try:
-        _, stderr = process.communicate(timeout=timeout)
+        _, stderr = process.communicate(timeout=budget.left())
     except subprocess.TimeoutExpired:
         process.kill()
-        return {"error": f"the memory plan took over {timeout:.0f} s"}
+        process.communicate()
+        return {"error": "the memory plan did not finish within the budget"}
     if process.returncode != 0:
-        return {"error": (stderr.strip().splitlines() or ["the memory plan failed"])[-1]}
+        return {"error": f"the memory plan failed ({exit_description(process.returncode)}): {last_lines(stderr)}"}
     with open(out) as f:
         plan = json.load(f)
     peaks = {name: max(plan["peaks"]["2"][p] for p in phases) for name, phases in PLAN_PHASES.items()}
     return {"peaks": peaks, "host": plan["host"], "verdict": plan["verdict"]}
-
-
-def in_process(target, args: tuple, timeout: float) -> dict:
-    """Run target(*args, queue) in a fresh (spawned) process -> what it put, or {"error": ...}."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, results))
-    proc.start()
-    try:
-        out = results.get(timeout=timeout)
-    except queue_module.Empty:
-        out = {"error": f"no result within {timeout:.0f} s (exit code {proc.exitcode})"}
-    proc.join(timeout=30)
-    if proc.is_alive():
-        proc.kill()
-    return out
 
 
 def matmul_flops(device: str) -> float:
@@ -300,7 +420,7 @@ def matmul_flops(device: str) -> float:
     return 10 * 2 * n**3 / (time.perf_counter() - t)
 
 
-def summarise(measured: dict, plans: dict, size: dict, flops: float, device_name: str) -> dict:
+def summarise(measured: dict, size: dict, flops: float, device_name: str) -> dict:
     """Per-trajectory rates -> tokens/s, MFU, the full default step and run; R2M / vanilla ratios."""
     N = size["queries_per_step"] * size["group_size"]
     full_N = DEFAULT_RUN["queries_per_step"] * DEFAULT_RUN["group_size"]
@@ -339,10 +459,18 @@ def table(report: dict) -> str:
     gib = lambda b: (f"{b / GiB:.1f}" if b >= 10 * GiB else f"{b / GiB:.2f}") if b else "–"  # noqa: E731
     lines = [f"**{report['device']}**, torch {report['torch']}, transformers {report['transformers']}; "
              f"{report['seconds']:.0f} s in all", ""]
-    for script, s in report["smoke"].items():
-        lines.append(f"- smoke `{script}` on {report['device_type']} (from_pretrained, --bf16 true, killed in step 1's "
-                     f"save, resumed): {'ok' if s.get('ok') else 'FAILED ' + str(s.get('error', ''))}, steps {s.get('steps')}, "
-                     f"{s.get('seconds', 0):.0f} s")
+    parts = report["parts"]
+    failed = [p for p, r in parts.items() if not r["ok"]]
+    lines.append(f"- parts: {len(parts) - len(failed)} of {len(parts)} ok" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    configs = parts.get("configs", {}).get("configs", {})
+    if configs:
+        lines.append("- configs: " + "; ".join(f"{k} {v}" for k, v in configs.items()))
+    for script in ("train_tldr.py", "train_ultrafeedback.py"):
+        s = parts.get(f"smoke {script}")
+        if s:
+            lines.append(f"- smoke `{script}` on {report['device_type']} (from_pretrained, --bf16 true, killed in step 1's "
+                         f"save, resumed): {'ok' if s['ok'] else 'FAILED: ' + s['error']}, steps {s.get('steps')}, "
+                         f"{s.get('seconds', 0):.0f} s")
     size = report["size"]
     lines += ["", f"One step of {size['queries_per_step']} prompts x {size['group_size']} (prompts {size['prompt_tokens']} + "
               f"{size['max_new_tokens']} new tokens; generation {size['generation_batch_size']}, forward "
@@ -385,54 +513,82 @@ def table(report: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["full", "tiny"], default="full",
-                        help="'full' (Pythia-2.8B's size, for a GPU) or 'tiny' (the same checks in a minute on a CPU).")
+                        help="'full' (Pythia-2.8B's size, for a GPU) or 'tiny' (its config file cut to a tiny size).")
     parser.add_argument("--device", default="cuda", help="'cuda' or 'cpu'.")
-    parser.add_argument("--output_dir", default="runs/gpu_check", help="Where gpu_check.json and gpu_check.md go.")
-    parser.add_argument("--budget_seconds", type=float, default=480, help="Stop starting new parts after this long.")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="The full size's code path on the CPU at tiny sizes (--size tiny --device cpu, and every "
+                             "shipped config also cut to a tiny size and run): what to pass before renting a GPU.")
+    parser.add_argument("--output_dir", default="runs/gpu_check",
+                        help="Where results.jsonl (a line per part, as each ends), gpu_check.json and gpu_check.md go.")
+    parser.add_argument("--budget_seconds", type=float, default=330,
+                        help="The time every part, child process and subprocess shares: none is given more than is "
+                             "left. Default 330 s: the whole check within 6 minutes, start-up included.")
+    parser.add_argument("--step_config", default=os.path.join(ROOT, "benchmarks", "configs", STEP_CONFIG),
+                        help="Config file of the policy and RM of the measured step (default: Pythia-2.8B's).")
     args = parser.parse_args(argv)
+    if args.rehearse:
+        args.size, args.device = "tiny", "cpu"
     import torch
     import transformers
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but no CUDA device is visible; on a CPU use --size tiny --device cpu")
-    t0 = time.perf_counter()
+        raise SystemExit("error: --device cuda, but no CUDA device is visible; on a CPU run --rehearse")
+    if args.device == "cpu" and args.size == "full":
+        raise SystemExit("error: --size full on a CPU would take hours; on a CPU run --rehearse (or --size tiny)")
+    budget = Budget(args.budget_seconds)
+    results = Results(args.output_dir, budget)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     size = dict(SIZES[args.size])
+    tiny = args.size == "tiny"
     report = {"device": device_name, "device_type": args.device, "torch": torch.__version__,
-              "transformers": transformers.__version__, "size": size, "smoke": {}, "measured": {}, "plan": {}}
-    left = lambda: args.budget_seconds - (time.perf_counter() - t0)  # noqa: E731
-    os.makedirs(args.output_dir, exist_ok=True)
+              "transformers": transformers.__version__, "size": size, "parts": results.parts, "measured": {}, "plan": {}}
+    print(f"gpu check: {device_name}, torch {torch.__version__}, transformers {transformers.__version__}; budget "
+          f"{args.budget_seconds:.0f} s; results as each part ends: {results.path}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        config, _ = config_paths(size, tmp)
+        results.add("configs", check_configs(rehearse=tiny))
+        step_config_file = args.step_config
+        if tiny:  # the plan reads a config file: the cut one, through the same function
+            from launch import configs
+
+            step_config_file = os.path.join(tmp, "tiny_" + os.path.basename(args.step_config))
+            configs.model_config(args.step_config, tiny=True).to_json_file(step_config_file)
         # the memory plan needs only the CPU: it runs while the device measures
-        planners = {v: start_plan(v, size, config, tmp) for v in ("vanilla", "r2m")}
-        for script in ("train_tldr.py", "train_ultrafeedback.py"):
-            folder = os.path.join(tmp, script.split(".")[0])
-            try:
-                report["smoke"][script] = smoke(script, folder, args.device, timeout=max(30.0, min(180.0, left())))
-            except subprocess.TimeoutExpired as e:
-                report["smoke"][script] = {"ok": False, "error": f"timed out after {e.timeout:.0f} s"}
-            log(t0, f"smoke {script}: {'ok' if report['smoke'][script]['ok'] else 'FAILED'}")
-        for variant in ("vanilla", "r2m"):
-            if left() < 30:
-                report["measured"][variant] = {"error": "out of time"}
-                continue
-            report["measured"][variant] = in_process(measure, (variant, size, args.device, config,
-                                                               os.path.join(tmp, f"step_{variant}")), timeout=left())
-            m = report["measured"][variant]
-            log(t0, f"{variant} step: " + (f"{m['step_seconds']:.1f} s" if "error" not in m else m["error"]))
-        for variant, (process, out) in planners.items():
-            report["plan"][variant] = finish_plan(process, out, timeout=max(5.0, left() + 60))
+        planners = {v: start_plan(v, size, step_config_file, tmp) for v in ("vanilla", "r2m")}
+        try:
+            for script in ("train_tldr.py", "train_ultrafeedback.py"):
+                results.add(f"smoke {script}", smoke(script, os.path.join(tmp, script.split(".")[0]), args.device, budget))
+            variants = ["vanilla", "r2m"]
+            for i, variant in enumerate(variants):
+                # a fair share of what is left, so the first variant cannot starve the second
+                share = budget.left() / (len(variants) - i)
+                m = run_child(measure, (variant, size, args.device, args.step_config, tiny,
+                                        os.path.join(tmp, f"step_{variant}")), timeout=share,
+                              log=os.path.join(tmp, f"step_{variant}.log")) \
+                    if share >= 1 else {"error": "not started: out of the budget's time"}
+                report["measured"][variant] = m
+                results.add(f"step {variant}", {k: v for k, v in m.items() if k != "phases"} if "error" in m else
+                            {"step_seconds": round(m["step_seconds"], 3), "phases": m["phases"]})
+            for variant, (process, out) in planners.items():
+                report["plan"][variant] = results.add(f"memory plan {variant}", finish_plan(process, out, budget))
+        finally:
+            for process, _ in planners.values():
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
     flops = matmul_flops(args.device)
     report["measured_matmul_tflops"] = flops / 1e12
-    report["summary"] = summarise(report["measured"], report["plan"], size, flops, device_name)
-    report["seconds"] = time.perf_counter() - t0
+    results.add("matmul", {"tflops": round(flops / 1e12, 3)})
+    report["summary"] = summarise(report["measured"], size, flops, device_name)
+    report["seconds"] = budget.elapsed()
     with open(os.path.join(args.output_dir, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     markdown = table(report)
     with open(os.path.join(args.output_dir, "gpu_check.md"), "w") as f:
         f.write(markdown + "\n")
-    print("\n" + markdown)
+    print("\n" + markdown, flush=True)
+    failed = [p for p, r in report["parts"].items() if not r["ok"]]
+    if failed:
+        raise SystemExit(f"error: {len(failed)} part(s) of the check failed: {', '.join(failed)} (see {results.path})")
     return report
 
 

@@ -500,18 +500,14 @@ def _real_prompt_choice():
 def config_builder(policy_json: str, reward_json: str, bf16: bool):
     """build_models() for simulate(): the policy in float32, the reference and the RM in bf16 (as
     runner.load_pretrained loads them on a GPU), from config files only."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    def load(path):
-        with open(path) as f:
-            d = json.load(f)
-        return AutoConfig.for_model(d.pop("model_type"), **d)
+    from launch import configs
 
     frozen = torch.bfloat16 if bf16 else torch.float32
 
-    def build():
-        pc, rc = load(policy_json), load(reward_json)
-        rc.num_labels = 1
+    def build():  # the one function that turns a config file into a model config (the GPU check builds with it too)
+        pc, rc = configs.model_config(policy_json), configs.model_config(reward_json, num_labels=1)
         policy = AutoModelForCausalLM.from_config(pc, dtype=torch.float32)
         ref_policy = AutoModelForCausalLM.from_config(pc, dtype=frozen)
         rm = AutoModelForSequenceClassification.from_config(rc, dtype=frozen)

@@ -48,10 +48,12 @@ def commands(doc: str) -> list[str]:
 
 
 def words(command: str) -> list[str]:
-    """The command's words, environment assignments (A=b) dropped."""
+    """The command's words, environment assignments (A=b) and a time limit (timeout N) dropped."""
     tokens = shlex.split(command.split("\n")[0], comments=True)
     while tokens and re.match(r"^[A-Z_]+=", tokens[0]):
         tokens.pop(0)
+    if tokens[:1] == ["timeout"]:
+        tokens = tokens[2:]
     return tokens
 
 

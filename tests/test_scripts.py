@@ -147,3 +147,15 @@ def test_the_quick_start_is_a_healthy_run(tmp_path, script):
     summary = log[log.index("done: 16 steps"):].splitlines()
     assert summary[1].strip() == f"metrics:    {out}/metrics.jsonl" and summary[2].strip().startswith(f"checkpoint: {out}/checkpoint (step 15")
     assert summary[3].strip().startswith("plot it:    python plot_run.py") and "python eval_judge.py" in summary[4]
+
+
+@pytest.mark.parametrize("path", ["train_tldr.py", "train_ultrafeedback.py", "benchmarks/gpu_check.py"])
+def test_cuda_memory_expands_its_segments_unless_the_user_chose_otherwise(path):
+    """Generation grows and frees its cache at a new length every step: the scripts and the GPU check ask the CUDA
+    allocator for expandable segments before anything starts CUDA, and leave a user's own setting alone."""
+    code = f"import os, runpy; runpy.run_path({os.path.join(ROOT, path)!r}); print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    unset = {k: v for k, v in ENV.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    for env, expected in ((unset, "expandable_segments:True"), ({**unset, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"},
+                                                               "max_split_size_mb:64")):
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.split()[-1] == expected, proc.stderr[-2000:]
