@@ -2,9 +2,9 @@
 
 A Bayesian Reward Model Ensemble: E Gaussian heads on the frozen RM's reward-token embedding, fitted before
 RL on a preference file and then frozen. During RL the reward is r_robust = (1 - λ)·r_nominal + λ·r_min
-(SPEC §6). It is a reward mode of the same loop (`--reward brme`, a row of `r2m.REWARD_MODES`), not a second
-trainer: `BRMEReward` has the same interface as `r2m.R2MRewardModel` (`reward_token_embedding`,
-`rewards_from_embedding`, `trainable_state_dict`), so `r2m.train` uses it unchanged.
+(Yan et al.'s reward-robust objective). It is a reward mode of the same loop (`--reward brme`, a row this module adds
+to `r2m.REWARD_MODES`), not a second trainer: `BRMEReward` is an `r2m.FrozenRewardBody` like R2M's reward model,
+fitted before RL (`fit_before_rl`), so `r2m.train` uses it unchanged.
 
 The full BRME paper was not available to us; every point that reconstructs it is a "Choice:" below.
 """
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from plumbing import distributed
 from plumbing.devices import Runtime, float32_only
+import r2m
 from r2m import FrozenRewardBody, R2MConfig
 
 
@@ -28,7 +29,7 @@ def gaussian_bradley_terry_loss(
 ) -> torch.Tensor:
     """(B,) x 4 -> (). BRME's per-head preference likelihood, averaged over pairs.
 
-    Choice (our reconstruction, SPEC §6): with Gaussian rewards the probit-style closed form
+    Choice (our reconstruction of the BRME paper): with Gaussian rewards the probit-style closed form
     P(w ≻ l) = σ((μ_w - μ_l) / sqrt(1 + (π/8)(σ_w² + σ_l²))); loss = -log P. A head can only lower the
     loss on pairs it gets wrong by widening σ there, so σ grows where pairs are ambiguous."""
     scale = torch.sqrt(1 + (math.pi / 8) * (sigma_w**2 + sigma_l**2))
@@ -36,7 +37,7 @@ def gaussian_bradley_terry_loss(
 
 
 def robust_reward(mu: torch.Tensor, sigma: torch.Tensor, lam: float) -> torch.Tensor:
-    """(B, E), (B, E) -> (B,). r_robust = (1 - λ)·r_nominal + λ·r_min (SPEC §6).
+    """(B, E), (B, E) -> (B,). The BRME paper's reward-robust objective: r_robust = (1 - λ)·r_nominal + λ·r_min.
 
     r_nominal: the mean of the head with the smallest σ for that sample; r_min: the smallest head mean."""
     nominal = mu.gather(1, sigma.argmin(dim=1, keepdim=True)).squeeze(1)  # (B,)
@@ -45,7 +46,8 @@ def robust_reward(mu: torch.Tensor, sigma: torch.Tensor, lam: float) -> torch.Te
 
 
 @torch.no_grad()
-def reward_token_embeddings(reward_model, ids: torch.Tensor, mask: torch.Tensor, batch_size: int, rt: Runtime) -> torch.Tensor:
+def reward_token_embeddings(reward_model, ids: torch.Tensor, mask: torch.Tensor, batch_size: int,
+                            runtime: Runtime) -> torch.Tensor:
     """Right-padded RM inputs (M, S) -> H_last (M, D_rm) in float32 on the device, `batch_size` rows at a time, each
     batch cut to its own longest row (preference pairs for the fits before RL)."""
     # --- distributed: each process embeds an equal share (the last row repeated to fill it) and all get every row ---
@@ -56,19 +58,20 @@ def reward_token_embeddings(reward_model, ids: torch.Tensor, mask: torch.Tensor,
     out = []
     for rows in rows_here.split(batch_size):
         L = int(mask[rows].sum(1).max())
-        with rt.autocast():
-            out.append(reward_model.reward_token_embedding(ids[rows, :L].to(rt.device), mask[rows, :L].to(rt.device)).float())
+        with runtime.autocast():
+            out.append(reward_model.reward_token_embedding(ids[rows, :L].to(runtime.device),
+                                                           mask[rows, :L].to(runtime.device)).float())
     return distributed.gather_rows(torch.cat(out))[:M]
 
 
 class BRMEReward(FrozenRewardBody):
     """Bayesian Reward Model Ensemble: E Gaussian heads on the frozen RM's reward-token embedding.
 
-    Choice (our reconstruction, SPEC §6): head e = Linear(D_rm -> 2) giving (μ_e, log σ_e); the μ row starts
+    Choice (our reconstruction of the BRME paper): head e = Linear(D_rm -> 2) giving (μ_e, log σ_e); the μ row starts
     from the pretrained score head plus small noise (10% of its weights' std), log σ starts at 0 (σ = 1).
     The heads are trained before RL by `fit_brme_heads`, then frozen; policy feedback is not used."""
 
-    is_ensemble = True  # what `r2m.train` checks against the reward mode's `ensemble` flag
+    fit_description = "the fitted BRME heads"  # what a resumed run's checkpoint holds of the fit before RL
 
     def __init__(self, reward_model: nn.Module, num_heads: int = 5, lam: float = 0.4, seed: int = 0):
         super().__init__(reward_model)
@@ -104,16 +107,20 @@ class BRMEReward(FrozenRewardBody):
     def trainable_parameters(self, feedback: bool = True) -> Iterator[nn.Parameter]:
         yield from self.heads.parameters()
 
+    @classmethod
+    def build(cls, rm: nn.Module, cfg: R2MConfig, d_policy: int) -> "BRMEReward":
+        return cls(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
+
     def trainable_state_dict(self) -> dict:
         return {"heads": self.heads.state_dict(), "lam": self.lam}
 
     def fit_before_rl(self, chosen: tuple[torch.Tensor, torch.Tensor], rejected: tuple[torch.Tensor, torch.Tensor],
-                      cfg: R2MConfig, rt: Runtime) -> str:
+                      cfg: R2MConfig, runtime: Runtime) -> str:
         """Fit the heads on preference pairs (ids, mask) (M, S) in the RM's view, before RL; one line to print.
         The frozen body runs once per response (`reward_token_embeddings`; under torchrun each process
         embeds a share), then every process fits the same heads and keeps rank 0's."""
-        chosen_rte = reward_token_embeddings(self, *chosen, cfg.forward_batch_size, rt)  # (M, D_rm)
-        rejected_rte = reward_token_embeddings(self, *rejected, cfg.forward_batch_size, rt)
+        chosen_rte = reward_token_embeddings(self, *chosen, cfg.forward_batch_size, runtime)  # (M, D_rm)
+        rejected_rte = reward_token_embeddings(self, *rejected, cfg.forward_batch_size, runtime)
         accuracies = fit_brme_heads(self, chosen_rte, rejected_rte, cfg.brme_epochs, cfg.brme_lr, seed=cfg.seed,
                                     sigma_prior=cfg.brme_sigma_prior)
         distributed.broadcast_parameters(self.heads.parameters())  # --- distributed: every rank keeps rank 0's fit ---
@@ -171,3 +178,8 @@ def fit_brme_heads(
         mu_l, _ = brme.head_distributions(rejected_rte)
         correct = (mu_w > mu_l).float()  # (M, E)
         return [correct[samples[e], e].mean().item() for e in range(E)]
+
+
+# BRME's row of r2m's reward modes: its heads are fitted on --brme_preference_file before RL, no policy feedback
+r2m.REWARD_MODES["brme"] = r2m.RewardMode(sees_policy=False, train=False, reward_model=BRMEReward,
+                                          fit_on="brme_preference_file")

@@ -1,4 +1,4 @@
-"""Judge-based evaluation, as the R2M paper measures it (SPEC §5; the paper's Tables 1-3).
+"""Judge-based evaluation, as the R2M paper measures it (its §5 and Tables 1-3).
 
 1. Generate (optional): a policy (hub name, or the `checkpoint/policy` folder a training run wrote) writes
    responses for the evaluation prompts -> responses.jsonl. Or pass --responses with ones already made.
@@ -87,7 +87,7 @@ class EvalArgs:
 
 # Choice (generation settings): the paper gives no decoding settings for its evaluations that we could read.
 # Pairwise tasks decode greedily (deterministic, the policy's most likely answer). AlpacaEval 2 and MT-Bench
-# sample at 0.7, the paper's dialogue sampling temperature (SPEC §5), with room for long answers: 2048 new
+# sample at 0.7, the paper's dialogue sampling temperature (§5), with room for long answers: 2048 new
 # tokens (AlpacaEval's own reference generations are capped there) and 1024 per turn (FastChat's MT-Bench cap).
 TASK_DEFAULTS = {
     "tldr": {"dataset": "trl-lib/tldr", "dataset_split": "test", "reference_column": "completion", "prompt_column": "prompt",
@@ -754,7 +754,7 @@ def run_mt_bench(args: EvalArgs) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# RM accuracy on held-out preference pairs (SPEC §5)
+# RM accuracy on held-out preference pairs (the paper's RM accuracy analysis)
 # ----------------------------------------------------------------------------------------------------
 
 

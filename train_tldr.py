@@ -1,8 +1,8 @@
-"""R2M on TL;DR summarisation with Pythia-2.8B, on one GPU or several (the paper's first task, SPEC §5).
+"""R2M on TL;DR summarisation with Pythia-2.8B, on one GPU or several (the paper's first task, §5).
 
     python train_tldr.py                                  # paper settings: RLOO + R2M, 122 steps of 2048 x 4
     python train_tldr.py --algo grpo --reward vanilla     # a baseline
-    python train_tldr.py --preset tiny                    # offline, CPU, the shipped tiny models, < 1 minute
+    python train_tldr.py --preset tiny                    # offline, CPU, the shipped tiny models (README)
     torchrun --nproc_per_node 8 train_tldr.py             # the same run on 8 GPUs (docs/scale.md)
 
 Everything algorithmic lives in r2m.py; this file loads data and models and calls `r2m.train` (through

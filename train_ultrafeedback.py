@@ -1,9 +1,9 @@
-"""R2M on dialogue: UltraFeedback prompts, a chat policy and the Skywork reward model (SPEC §5, second task).
+"""R2M on dialogue: UltraFeedback prompts, a chat policy and the Skywork reward model (the paper's second task, §5).
 
     python train_ultrafeedback.py                          # LLaMA3-8B-Instruct policy (lr 1e-6, Ω = 0.6)
     python train_ultrafeedback.py --preset qwen            # Qwen2.5-3B-Instruct policy (lr 6e-6, Ω = 0.7)
     python train_ultrafeedback.py --reward brme --brme_preference_file prefs.jsonl
-    python train_ultrafeedback.py --preset tiny            # offline, CPU, the shipped tiny chat models, < 1 minute
+    python train_ultrafeedback.py --preset tiny            # offline, CPU, the shipped tiny chat models (README)
     torchrun --nproc_per_node 8 train_ultrafeedback.py     # the 8B preset on 8 GPUs (docs/scale.md)
 
 The policy reads each prompt through its own chat template; the RM (Skywork-Reward-V2-Llama-3.1-8B) reads the
@@ -34,7 +34,7 @@ def main(argv=None) -> list[dict]:
     for row in rows:
         chosen = tokenizer(data.response_text(row[args.chosen_column]), add_special_tokens=False)["input_ids"]
         ids = data.chat_prompt_ids(tokenizer, str(row[args.prompt_column]))
-        # SPEC §5 drops rows whose chosen reply is long; Choice: also those whose templated prompt is long
+        # the paper drops rows whose chosen reply is long (§5); Choice: also those whose templated prompt is long
         if len(chosen) <= args.max_chosen_tokens and len(ids) <= args.max_prompt_tokens:
             texts.append(str(row[args.prompt_column]))
             prompts.append(ids)

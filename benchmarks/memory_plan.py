@@ -71,6 +71,8 @@ except ImportError as e:  # pragma: no cover - depends on the installed versions
 if not hasattr(GenerationMixin, "_has_unfinished_sequences"):
     raise SystemExit("error: memory_plan.py needs a transformers whose generate() loop asks _has_unfinished_sequences")
 
+import baselines  # noqa: E402
+import brme  # noqa: E402
 import r2m  # noqa: E402
 from launch import flags, runner  # noqa: E402
 from plumbing import data, devices, distributed  # noqa: E402
@@ -260,7 +262,8 @@ class Recorder:
 def gpu_standins(counter: LiveBytes, rec: Recorder):
     """Make r2m.train behave as on a GPU while running on (fake) CPU tensors, and mark the phases."""
     original = {name: getattr(r2m, name) for name in ("rollout", "annotate_rewards", "policy_update",
-                                                       "reward_model_update", "pretrain_reward_model")}
+                                                       "reward_model_update")}
+    original["pretrain_reward_model"] = baselines.pretrain_reward_model
     original["prepare_models"] = devices.prepare_models
     allocate, place = devices.HostRows._allocate, distributed.place_models
 
@@ -328,9 +331,9 @@ def gpu_standins(counter: LiveBytes, rec: Recorder):
             ("rollout", rollout), ("annotate_rewards", rec.phase("RM annotation", original["annotate_rewards"])),
             ("policy_update", policy_update),
             ("reward_model_update", rec.phase("RM update (GREBT)", original["reward_model_update"])),
-            ("pretrain_reward_model", rec.phase(BEFORE_RL, original["pretrain_reward_model"])),
         ]:
             stack.enter_context(patched(r2m, name, value))
+        stack.enter_context(patched(baselines, "pretrain_reward_model", rec.phase(BEFORE_RL, original["pretrain_reward_model"])))
         stack.enter_context(patched(devices, "prepare_models", prepare_models))
         stack.enter_context(patched(distributed, "place_models", place_models))
         stack.enter_context(patched(devices.HostRows, "_allocate", allocate_host_rows))
@@ -468,7 +471,7 @@ def simulate(cfg: r2m.R2MConfig, build_models, prompt_tokens: int, fake: bool = 
         prompts = prompts or plan_prompts(4 * sim.queries_per_step, prompt_tokens, vocab)
         # The Pretrained RM's fine-tuning: one minibatch of pairs whose responses are as long as any.
         pairs = None
-        if r2m.REWARD_MODES[sim.reward].pretrain:
+        if r2m.REWARD_MODES[sim.reward].fit_on:  # the Pretrained RM (BRME is not planned)
             length = prompt_tokens + sim.max_new_tokens
             pairs = tuple(data.pad_right([[1 + (i + j) % (vocab - 2) for j in range(length)]
                                          for i in range(sim.pretrain_rm_batch_size)], 0) for _ in range(2))
@@ -542,8 +545,9 @@ def host_plan(result: dict, cfg: r2m.R2MConfig, prompt_tokens: int) -> dict[str,
     mode, algo = r2m.REWARD_MODES[cfg.reward], r2m.ALGOS[cfg.algo]
     row = (prompt_tokens + cfg.max_new_tokens - 1, result["d_policy"])
     dtype = torch.bfloat16 if cfg.bf16 is not False else torch.float32
-    hidden = devices.HostRows.reserved_bytes(cfg.trajectories_per_step, row, dtype) if mode.feedback else 0
-    greedy = devices.HostRows.reserved_bytes(cfg.queries_per_step, row, dtype) if mode.feedback and algo.greedy_baseline else 0
+    hidden = devices.HostRows.reserved_bytes(cfg.trajectories_per_step, row, dtype) if mode.sees_policy else 0
+    greedy = devices.HostRows.reserved_bytes(cfg.queries_per_step, row, dtype) \
+        if mode.sees_policy and algo.baseline is not None else 0
     models = result["models_host_bytes"]
     return dict(models=models, hidden=hidden, greedy=greedy, peak=max(models, hidden + greedy))
 
@@ -637,7 +641,7 @@ def parse(argv: Optional[list[str]]):
     args_cls, presets = ((flags.TLDRArgs, flags.TLDR_PRESETS) if plan.script == "tldr"
                          else (flags.UltraFeedbackArgs, flags.ULTRAFEEDBACK_PRESETS))
     cfg, args = flags.parse_flags(args_cls, presets, rest)
-    if r2m.REWARD_MODES[cfg.reward].ensemble:
+    if issubclass(r2m.REWARD_MODES[cfg.reward].reward_model, brme.BRMEReward):
         raise SystemExit("error: memory_plan.py plans the R2M reward modes; BRME needs its heads fitted first")
     return PlanArgs(**vars(plan)), cfg, args
 

@@ -37,7 +37,7 @@ PRESETS = {
     "tiny": dict(queries_per_step=16, group_size=4, max_new_tokens=16, prompt_tokens=64, generation_batch_size=64,
                  forward_batch_size=32, micro_batch_size=16, policy_minibatch_size=32, rm_minibatch_groups=8,
                  d_attn=32, device="cpu", repeats=3, measured_steps=3),
-    # SPEC §5 TL;DR defaults: 2048 prompts x 4, <= 50 new tokens, prompts <= 512 tokens (worst case: all 512).
+    # the paper's TL;DR defaults (§5): 2048 prompts x 4, <= 50 new tokens, prompts <= 512 tokens (worst case: all 512).
     "pythia-2.8b-random": dict(queries_per_step=2048, group_size=4, max_new_tokens=50, prompt_tokens=512,
                                generation_batch_size=64, forward_batch_size=64, micro_batch_size=16,
                                policy_minibatch_size=512, rm_minibatch_groups=32, d_attn=2048, device="cuda",

@@ -46,7 +46,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import brme  # noqa: E402
+import baselines  # noqa: E402, F401  (the noise ablation's row of r2m.REWARD_MODES)
+import brme  # noqa: E402, F401  (BRME's row)
 import r2m  # noqa: E402
 from plumbing import data  # noqa: E402
 
@@ -269,7 +270,7 @@ def train_proxy_rm(rm, pairs: list[dict], rng: random.Random, epochs: int) -> No
 # ----------------------------------------------------------------------------------------------------
 
 
-class OmegaScaledProxy(r2m.FrozenRewardBody):
+class OmegaScaledProxy(r2m.R2MRewardModel):
     """Control arm: vanilla RL on ω(t)·proxy, ω(t) the schedule of Eq. 4.
 
     After ω reaches Ω, R2M's reward is Ω·(proxy) plus the feedback term; with RLOO's unnormalised advantages
@@ -278,13 +279,14 @@ class OmegaScaledProxy(r2m.FrozenRewardBody):
     the RL step being annotated, advanced by the study's on_step after every step."""
 
     def __init__(self, reward_model, total_steps: int, floor: float):
-        super().__init__(reward_model)
+        super().__init__(reward_model, d_policy=1, d_attn=1)  # an R2M reward model whose feedback path is never used
         self.total_steps, self.floor, self.step = total_steps, floor, 0
 
-    def rewards_from_embedding(self, rte, h=None, h_mask=None, omega: float = 1.0) -> torch.Tensor:
-        """(B, D_rm) -> (B,) ω(step)·proxy; h and the loop's ω are ignored (no policy feedback)."""
-        proxy = self.reward_model.score(rte.to(self.reward_model.score.weight.dtype)).squeeze(-1).float()
-        return r2m.omega(self.step, self.total_steps, self.floor) * proxy
+    def reward_parts(self, h_last, h=None, h_mask=None, omega: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D_rm) -> ω(step)·proxy (B,), and no feedback part; h and the loop's ω are ignored."""
+        proxy = self.reward_model.score(h_last.to(self.reward_model.score.weight.dtype)).squeeze(-1).float()
+        rewards = r2m.omega(self.step, self.total_steps, self.floor) * proxy
+        return rewards, torch.zeros_like(rewards)
 
 
 def pairwise_agreement(scores: list[float], gold: list[float], group_size: int) -> tuple[float, int]:
@@ -312,10 +314,8 @@ def rm_accuracy(reward_model, policy, mode: r2m.RewardMode, pairs: list[dict], o
         ids, mask = pair_batch(pairs, side)
         rte = reward_model.reward_token_embedding(ids, mask)
         h = h_mask = None
-        if mode.feedback:
+        if mode.sees_policy:  # (the noise ablation's reward model replaces h by noise itself)
             h, h_mask = r2m.policy_hidden_states(policy, ids, mask)
-            if mode.noise:
-                h = r2m.gaussian_like(h, h_mask)
         scores[side] = reward_model.rewards_from_embedding(rte, h, h_mask, omega)
     return (scores["chosen"] > scores["rejected"]).float().mean().item()
 
@@ -325,9 +325,8 @@ def build_reward_model(name: str, cfg: r2m.R2MConfig, proxy, world: dict):
     mode = r2m.REWARD_MODES[cfg.reward]
     if METHODS[name].get("omega_scaled"):
         return OmegaScaledProxy(proxy, cfg.total_steps, cfg.omega_floor)
-    if mode.ensemble:  # its heads are fitted by r2m.train, before RL, on the proxy's own training pairs
-        return brme.BRMEReward(proxy, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
-    return r2m.R2MRewardModel(proxy, d_policy=64, d_attn=cfg.d_attn, seed=cfg.seed)
+    # BRME's heads are fitted by r2m.train, before RL, on the proxy's own training pairs
+    return mode.reward_model.build(proxy, cfg, d_policy=64)
 
 
 def run_method(name: str, seed: int, steps: int, world: dict, out_dir: str, rl: dict = RL) -> list[dict]:
@@ -363,11 +362,11 @@ def run_method(name: str, seed: int, steps: int, world: dict, out_dir: str, rl: 
                 "agree/used": agree_used, "agree/proxy": agree_proxy, "agree/pairs": pairs}
 
     pairs = world["train_pairs"]
-    preferences = (pair_batch(pairs, "chosen"), pair_batch(pairs, "rejected")) if mode.ensemble else None
+    preferences = (pair_batch(pairs, "chosen"), pair_batch(pairs, "rejected")) if mode.fit_on else None
     history = r2m.train(policy, ref_policy, reward_model, tokenizer, world["prompts"], cfg, on_step=on_step,
                         preferences=preferences)
     acc = rm_accuracy(reward_model, policy, mode, world["heldout_pairs"], r2m.omega(steps - 1, steps, cfg.omega_floor)
-                      if mode.feedback else 1.0)
+                      if mode.sees_policy else 1.0)
     for h in history:
         h.update(method=name, seed=seed, rm_accuracy=acc)
     return history

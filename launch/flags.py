@@ -1,10 +1,11 @@
 """The scripts' flags: the loop's (`r2m.R2MConfig`) and each script's own, their presets, config files, and the
 checks that turn a bad flag into one line before anything loads.
 
-    train_tldr.py           TLDRArgs, TLDR_PRESETS           ('paper': SPEC §5's TL;DR settings; 'tiny': offline)
+    train_tldr.py           TLDRArgs, TLDR_PRESETS           ('paper': the paper's TL;DR settings; 'tiny': offline)
     train_ultrafeedback.py  UltraFeedbackArgs, ULTRAFEEDBACK_PRESETS   ('paper': LLaMA3-8B; 'qwen'; 'tiny')
 
-`parse_flags` reads them with transformers' HfArgumentParser: the help text of every flag is its field's `help`.
+`parse_flags` reads them with transformers' HfArgumentParser. The loop's help texts are here (`LOOP_HELP`), beside
+`r2m.R2MConfig` whose fields they describe; the scripts' own flags carry theirs in their fields.
 """
 
 from __future__ import annotations
@@ -12,13 +13,81 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
+import baselines  # noqa: F401  (ReMax, REINFORCE++, the noise ablation, Pretrained RM, whole RM: rows of r2m's tables)
+import brme  # noqa: F401  (BRME: a row of r2m.REWARD_MODES)
 from launch import tiny, tracking
 from plumbing import distributed
 from plumbing.checkpoints import TrainingError, check_output_dir
 from r2m import REWARD_MODES, R2MConfig
+
+# The help text of each of the loop's flags (r2m.R2MConfig's fields).
+LOOP_HELP = dict(
+    algo="Advantage estimator: 'rloo' (Eq. 1), 'grpo', 'remax' (greedy-response baseline) or 'reinforce_pp' "
+         "(REINFORCE++: KL in the per-token reward, batch-normalised returns).",
+    reward="Reward mode: 'vanilla' (frozen RM), 'r2m', 'r2m_frozen' (feedback path never trained), 'r2m_noise' (h "
+           "replaced by Gaussian noise), 'iterative_head' (GREBT on the score head only), 'pretrained_rm' (RM body and "
+           "head fine-tuned with BT before RL, then frozen), 'brme' (reward-robust ensemble), 'r2m_full_rm' (every RM "
+           "parameter trains: the cost baseline). 'R2M w/o BT' / 'w/o GRE' are --alpha 1 / --alpha 0.",
+    total_trajectories="Trajectories (query, response) in the whole run; sets T.",
+    queries_per_step="n: prompts sampled per RL step.",
+    group_size="K: responses sampled per prompt (>= 2).",
+    max_new_tokens="Longest response, in policy tokens.",
+    temperature="Sampling temperature (no top-k / top-p).",
+    policy_lr="Policy AdamW learning rate (see --lr_schedule).",
+    lr_schedule="Learning rates of policy and RM head over the T steps: 'linear' (decay to 0) or 'constant'.",
+    policy_epochs="k: passes over a step's trajectories.",
+    policy_minibatch_size="Trajectories per policy optimiser step (must divide n*K).",
+    clip_eps="ε of the clipped ratio.",
+    beta="β: weight of the per-token k3 KL to the reference.",
+    max_grad_norm="Gradient-norm clip for policy and RM head.",
+    missing_eos_penalty="If set, a response without EOS gets this reward instead of the RM's (off by default).",
+    omega_floor="Ω: floor of the ω(t) schedule (Eq. 4).",
+    alpha="α: GRE weight in GREBT (Eq. 7); 0 = w/o GRE, 1 = w/o BT.",
+    d_attn="d: width of the cross-attention (Eq. 3).",
+    rm_lr="AdamW learning rate of cross-attention + score head.",
+    rm_minibatch_groups="Groups per GREBT optimiser step.",
+    rm_epochs="GREBT passes over a step's groups (1 = the paper's single reward-model update).",
+    grebt_pairs="Rewards that pick GREBT's (winner, loser) pair: 'fresh' (recomputed with the fresh h' of the last "
+                "policy epoch, the paper's reading) or 'annotated' (this step's annotation-time rewards).",
+    pretrain_rm_preference_file="Pretrained RM: JSON-lines {prompt, chosen, rejected} to fine-tune the RM on.",
+    pretrain_rm_epochs="Pretrained RM: epochs over the preference pairs.",
+    pretrain_rm_lr="Pretrained RM: AdamW learning rate (App. G.5: 1e-6).",
+    pretrain_rm_batch_size="Pretrained RM: preference pairs per optimiser step.",
+    brme_heads="BRME: number of Gaussian reward heads.",
+    brme_lambda="BRME: λ in (1-λ)·r_nominal + λ·r_min.",
+    brme_preference_file="BRME: JSON-lines file of {prompt, chosen, rejected} to train the heads.",
+    brme_epochs="BRME: epochs over each head's bootstrap sample.",
+    brme_lr="BRME: learning rate of the heads.",
+    brme_sigma_prior="BRME: weight γ of the γ·(log σ)² prior that pulls each head's σ toward 1.",
+    generation_batch_size="Sequences generated at once.",
+    forward_batch_size="Sequences per no-grad forward (old/ref log-probs, RM scoring).",
+    micro_batch_size="Sequences per policy forward/backward.",
+    bf16="bf16 frozen models (reference, RM body) and bf16 autocast for what trains, float32 master weights; the same "
+         "on CPU and GPU. Default: on for CUDA, off for CPU.",
+    gradient_checkpointing="Recompute the policy's activations in backward. Default: on for CUDA, off for CPU.",
+    device="'auto' (cuda if available), 'cuda', or 'cpu'.",
+    seed="Seed for prompts order, sampling and init.",
+    output_dir="Where metrics.jsonl and checkpoint/ go.",
+    save_every="Write a checkpoint every N steps and at the end; 0 = never (benchmarks).",
+    sample_every="Print a few (prompt, response, reward) every N steps.",
+    resume="Continue the run in output_dir from its newest complete checkpoint.",
+    overwrite="Start over in an output_dir that holds a run (deletes it).",
+    max_nonfinite_steps="Stop after this many steps in a row with a non-finite reward, loss or gradient norm "
+                        "(updates skipped).",
+    merge_on_save="LoRA only: checkpoints also hold policy/, the policy with its adapter merged (a full model).",
+)
+
+
+def loop_flags() -> type:
+    """r2m.R2MConfig's fields, each with its LOOP_HELP text, as the dataclass HfArgumentParser reads."""
+    hints = typing.get_type_hints(R2MConfig)
+    return dataclasses.make_dataclass("R2MFlags", [
+        (f.name, hints[f.name], dataclasses.field(default=f.default, metadata={"help": LOOP_HELP[f.name]}))
+        for f in dataclasses.fields(R2MConfig)])
 
 
 @dataclass
@@ -111,18 +180,22 @@ def parse_flags(script_args_cls, presets: dict[str, dict], argv: Optional[list[s
     chosen = known.preset or from_file.get("preset", "paper")
     if chosen not in presets:
         raise SystemExit(f"error: --preset must be one of {sorted(presets)}, got {chosen!r}")
-    parser = HfArgumentParser((R2MConfig, script_args_cls))
+    parser = HfArgumentParser((loop_flags(), script_args_cls))
     parser.set_defaults(**presets[chosen])
     parser.set_defaults(**from_file)  # a config file overrides its preset's defaults; command-line flags win over both
-    cfg, args = parser.parse_args_into_dataclasses(args=argv)
+    loop, args = parser.parse_args_into_dataclasses(args=argv)
+    cfg = R2MConfig(**dataclasses.asdict(loop))
     try:
         cfg.validate()
+        fit_on = REWARD_MODES[cfg.reward].fit_on
+        if fit_on and not getattr(cfg, fit_on):  # the preference pairs a mode is fitted on before RL
+            raise ValueError(f"--reward {cfg.reward} needs --{fit_on} (JSON lines: prompt, chosen, rejected)")
         for f in dataclasses.fields(args):  # the scripts' token caps: at least 1 (--lora_r etc. are checked below)
             value = getattr(args, f.name)
             if f.name.endswith("_tokens") and value < 1:
                 raise ValueError(f"--{f.name} must be at least 1, got {value}")
         # --- distributed: each of torchrun's processes must get an equal share of a step (checked before loading) ---
-        distributed.per_rank_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), REWARD_MODES[cfg.reward].train_body)
+        distributed.per_rank_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), REWARD_MODES[cfg.reward].reward_model)
         check_output_path(cfg.output_dir)
         check_output_dir(cfg)
     except (ValueError, TrainingError) as e:
@@ -148,7 +221,7 @@ def check_output_path(output_dir: str) -> None:
 
 @dataclass
 class TLDRArgs(RunOptions):  # + --config, --report_to, --lora_* (RunOptions)
-    preset: str = field(default="paper", metadata={"help": "'paper' (SPEC §5 settings) or 'tiny' (offline CPU smoke run)."})
+    preset: str = field(default="paper", metadata={"help": "'paper' (the paper's TL;DR settings) or 'tiny' (offline CPU smoke run)."})
     policy_model: str = field(
         default="trl-lib/pythia-2.8b-deduped-tldr-sft", metadata={"help": "SFT policy: hub name or local folder."}
     )
@@ -200,8 +273,8 @@ ULTRAFEEDBACK_PAPER = dict(queries_per_step=64, group_size=8, total_trajectories
 
 ULTRAFEEDBACK_PRESETS = {
     "paper": ULTRAFEEDBACK_PAPER,
-    # Choice: micro-batches of 1 on the 3B policy. The memory plan predicts a 72.3 GiB peak with the paper preset's 4
-    # (7.7 GiB spare on 80 GB, under the 10 GiB margin), 69.3 GiB with 1; the updates are the same.
+    # Choice: micro-batches of 1 on the 3B policy: with the paper preset's 4 the memory plan predicts less than the
+    # 10 GiB margin to spare on 80 GB (its figures: docs/scale.md); the updates are the same.
     "qwen": {**ULTRAFEEDBACK_PAPER, "policy_model": "Qwen/Qwen2.5-3B-Instruct", "policy_lr": 6e-6, "omega_floor": 0.7, "micro_batch_size": 1},
     "tiny": dict(  # as TL;DR's: a tiny Llama-style chat policy, and an RM of another tokenizer and chat format
         policy_model=tiny.TINY_MODEL_FOLDERS["chat_policy"], reward_model=tiny.TINY_MODEL_FOLDERS["chat_reward_model"],

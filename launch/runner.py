@@ -15,12 +15,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-import brme
 from launch import tracking
-from launch.flags import RunOptions, write_run_config
+from launch.flags import RunOptions, write_run_config  # (its imports add the baselines' rows to r2m's tables)
 from plumbing import data, devices, distributed, lora
 from plumbing.checkpoints import TrainingError, has_checkpoint
-from r2m import REWARD_MODES, FrozenRewardBody, R2MConfig, R2MRewardModel, train
+from r2m import REWARD_MODES, FrozenRewardBody, R2MConfig, train
 
 
 def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig, reference: bool = True):
@@ -62,26 +61,19 @@ def load_pretrained(policy_name: str, reward_model_name: str, cfg: R2MConfig, re
 
 
 def build_reward(cfg: R2MConfig, rm: nn.Module, policy: nn.Module) -> FrozenRewardBody:
-    """The one place where the reward mode picks the reward model's class."""
-    if REWARD_MODES[cfg.reward].ensemble:
-        return brme.BRMEReward(rm, num_heads=cfg.brme_heads, lam=cfg.brme_lambda, seed=cfg.seed)
-    d_policy = policy.get_output_embeddings().in_features
-    reward_model = R2MRewardModel(rm, d_policy=d_policy, d_attn=cfg.d_attn, seed=cfg.seed)
-    reward_model.save_body = REWARD_MODES[cfg.reward].pretrain  # its fine-tuned body is part of the run's state
-    return reward_model
+    """The reward model of the run's reward mode: the class its row of r2m.REWARD_MODES names, around the loaded RM."""
+    return REWARD_MODES[cfg.reward].reward_model.build(rm, cfg, d_policy=policy.get_output_embeddings().in_features)
 
 
 def preferences_to_fit(cfg: R2MConfig, rm_view: data.RMView):
     """The preference pairs a reward mode is fitted on before RL (BRME's heads, the Pretrained RM's fine-tuning),
     in the RM's view; None when it fits nothing, or when a resumed run has them fitted in its checkpoint."""
-    mode = REWARD_MODES[cfg.reward]
-    if not (mode.ensemble or mode.pretrain) or (cfg.resume and has_checkpoint(cfg.output_dir)):
+    fit_on = REWARD_MODES[cfg.reward].fit_on
+    if not fit_on or (cfg.resume and has_checkpoint(cfg.output_dir)):
         return None
-    path = cfg.brme_preference_file if mode.ensemble else cfg.pretrain_rm_preference_file
-    if not path:
-        flag = "--brme_preference_file" if mode.ensemble else "--pretrain_rm_preference_file"
-        raise SystemExit(f"error: --reward {cfg.reward} needs {flag} (JSON lines: prompt, chosen, rejected)")
-    return data.preference_views(path, rm_view)
+    if not getattr(cfg, fit_on):
+        raise SystemExit(f"error: --reward {cfg.reward} needs --{fit_on} (JSON lines: prompt, chosen, rejected)")
+    return data.preference_views(getattr(cfg, fit_on), rm_view)
 
 
 def run(cfg: R2MConfig, policy, ref_policy, rm, tokenizer, rm_tokenizer, prompts: list[list[int]],

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import warnings
 from typing import Optional
 
 import torch
@@ -317,3 +318,78 @@ def _metric_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf  # blank, or cut short by a crash
+
+
+# ----------------------------------------------------------------------------------------------------
+# What r2m.train calls: the run's start, the end of each step, and what a checkpoint keeps of the reward model
+# ----------------------------------------------------------------------------------------------------
+
+
+def start_run(cfg, policy, reward_model, optimizers: dict, schedulers: dict, resuming: bool) -> tuple[int, str]:
+    """The run's folder and its first step: a fresh run (after --overwrite deleted the old one), or the newest complete
+    checkpoint's next step; metrics.jsonl started, or cut to the steps that checkpoint covers -> (step, its path)."""
+    check_output_dir(cfg)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    start = 0
+    if cfg.overwrite:
+        delete_checkpoints(cfg.output_dir)
+    if resuming:
+        start = load_checkpoint(cfg.output_dir, policy, reward_model, optimizers, schedulers, cfg,
+                                getattr(reward_model, "fit_description", ""))
+        distributed.decorrelate_rng()  # --- distributed: ranks restored rank 0's generator; one stream each ---
+        distributed.print0(f"resumed from {cfg.output_dir}/{CHECKPOINT_DIR} at step {start}/{cfg.total_steps}")
+    elif cfg.resume:
+        distributed.print0(f"--resume: {cfg.output_dir} holds no run yet: starting a new run at step 0")
+    metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
+    start_metrics(metrics, start)
+    return start, metrics
+
+
+def step_schedulers(schedulers: dict) -> None:
+    """Each learning-rate schedule advances once per RL step. A first update skipped for a non-finite gradient is no
+    misordering (the schedule is still per step), so PyTorch's warning about it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step..")
+        for s in schedulers.values():
+            s.step()
+
+
+def count_skipped(guarded: dict) -> int:
+    """The optimiser steps the step's SkipNonFiniteSteps skipped, counted from zero again for the next step."""
+    skipped = sum(g.skipped for g in guarded.values())
+    for g in guarded.values():
+        g.skipped = 0
+    return skipped
+
+
+def end_step(record: dict, step: int, cfg, nonfinite: "NonFiniteStreak", policy, tokenizer, reward_model,
+             optimizers: dict, schedulers: dict) -> None:
+    """After a step's metrics are out: --max_nonfinite_steps steps in a row with a non-finite value stop the run (as
+    does ending on one); then a checkpoint every --save_every steps and at the end, never of a non-finite step."""
+    nonfinite.update(record, step, last_step=cfg.total_steps - 1)
+    if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step == cfg.total_steps - 1):
+        if nonfinite:
+            distributed.print0(f"step {step}: no checkpoint after non-finite values; the last good one stays")
+        else:
+            save_checkpoint(cfg.output_dir, step, policy, tokenizer, reward_model, optimizers, schedulers, cfg)
+
+
+def heads_state_dict(reward_model) -> dict:
+    """What a checkpoint keeps of an R2M reward model (`r2m.R2MRewardModel.trainable_state_dict`): its cross-attention
+    and score head, and its body's full weights when the body was trained (the Pretrained RM, the whole-RM baseline);
+    then under torchrun a collective, so every process calls it."""
+    state = {"policy_feedback": reward_model.policy_feedback.state_dict(), "score_head": reward_model.score_head.state_dict()}
+    body = reward_model.reward_model.base_model
+    if reward_model.save_body or any(p.requires_grad for p in body.parameters()):
+        state["body"] = distributed.full_state_dict(body)  # --- distributed: a sharded body is gathered whole ---
+    return state
+
+
+def load_heads_state_dict(reward_model, state: dict) -> None:
+    """The inverse of heads_state_dict (`r2m.R2MRewardModel.load_trainable_state_dict`)."""
+    reward_model.policy_feedback.load_state_dict(state["policy_feedback"])
+    reward_model.score_head.load_state_dict(state["score_head"])
+    if "body" in state:
+        reward_model.save_body = True  # a resumed Pretrained-RM run keeps its fine-tuned body in later checkpoints
+        # --- distributed: rank 0's full copy, each process keeping its own shard ---
+        distributed.load_full_state_dict(reward_model.reward_model.base_model, state["body"])

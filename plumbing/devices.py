@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from plumbing import distributed
+
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; any other name as given."""
@@ -149,6 +151,18 @@ def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Mo
     if rt.gradient_checkpointing:
         checkpoint_activations(policy)
         policy.config.use_cache = True  # generation still uses the KV cache (checkpointing only in train mode)
+        if any(p.requires_grad for p in reward_model.reward_model.parameters()):  # a body that trains (whole RM)
+            checkpoint_activations(reward_model.reward_model.train())
+
+
+@contextlib.contextmanager
+def generating(policy: nn.Module, rt: Runtime):
+    """Everything `generate` runs under, in one context: autocast; under torchrun the policy gathered once for the
+    whole call (`distributed.gathered_for_generation`); its bf16 generation weights (`generation_weights`); and
+    none of its own generation settings (`own_generation_config`)."""
+    with rt.autocast(), distributed.gathered_for_generation(policy), generation_weights(policy, rt.autocast_dtype), \
+            own_generation_config(policy):
+        yield
 
 
 def float32_only(x: torch.Tensor):

@@ -71,21 +71,22 @@ def print0(*args, **kwargs) -> None:
         tqdm.write(" ".join(str(a) for a in args), **kwargs)
 
 
-def per_rank_config(cfg, world_size: int, train_body: bool = False, pretrain: bool = False):
+def per_rank_config(cfg, world_size: int, reward_model_class: Optional[type] = None):
     """This rank's share of a step: n/N prompts, policy minibatches of size/N trajectories and GREBT
     minibatches of groups/N, so every optimiser step still sees the same number of trajectories in total
     and the number of optimiser steps per RL step is the one of a single process.
 
     Equal shares matter: a rank's loss is a mean over its sequences (groups for GREBT), and the average of
-    per-rank means is the global mean only when every rank holds the same count. Returns cfg itself on one
-    process."""
+    per-rank means is the global mean only when every rank holds the same count. reward_model_class: the reward
+    mode's class, whose `split_over_processes` flags must divide too and whose `one_process_only` refuses N > 1.
+    Returns cfg itself on one process."""
     if world_size == 1:
         return cfg
     checks = [
         (cfg.queries_per_step, "--queries_per_step"),
         (cfg.policy_minibatch_size, "--policy_minibatch_size"),
         (cfg.rm_minibatch_groups, "--rm_minibatch_groups"),
-    ] + ([(cfg.pretrain_rm_batch_size, "--pretrain_rm_batch_size")] if pretrain else [])
+    ] + [(getattr(cfg, flag), f"--{flag}") for flag in getattr(reward_model_class, "split_over_processes", ())]
     for value, flag in checks:
         if value % world_size:
             raise ValueError(f"{flag} {value} must be divisible by the number of processes ({world_size})")
@@ -95,8 +96,8 @@ def per_rank_config(cfg, world_size: int, train_body: bool = False, pretrain: bo
             f"--micro_batch_size {cfg.micro_batch_size} must divide each process's share of "
             f"--policy_minibatch_size ({cfg.policy_minibatch_size} / {world_size} = {share})"
         )
-    if train_body:
-        raise ValueError(f"--reward {cfg.reward} (the whole-RM cost baseline) runs on one process only")
+    if getattr(reward_model_class, "one_process_only", False):
+        raise ValueError(f"--reward {cfg.reward} ({reward_model_class.__name__}) runs on one process only")
     return dataclasses.replace(
         cfg,
         queries_per_step=cfg.queries_per_step // world_size,

@@ -107,8 +107,8 @@ def main(out: str) -> None:
     optimizer = torch.optim.SGD(policy.parameters(), lr=cfg.policy_lr)
     rm_optimizer = torch.optim.SGD(list(reward_model.trainable_parameters()), lr=cfg.rm_lr)
     omega_t = 0.8
-    rm_rewards = r2m.annotate_rewards(reward_model, ro, omega_t, mode, rank_cfg, rt)  # (share,)
-    advantages = r2m.compute_advantages(rm_rewards.view(-1, cfg.group_size), ro, None, rank_cfg)  # (share,)
+    rm_rewards, ro.reward_token_embedding, _ = r2m.annotate_rewards(reward_model, ro, omega_t, rank_cfg, rt)  # (share,)
+    advantages = r2m.ALGOS["rloo"].advantages(rm_rewards.view(-1, cfg.group_size), ro, None, rank_cfg)  # (share,)
     pstats = r2m.policy_update(policy, optimizer, ro, advantages, rank_cfg, rt)
     rstats = r2m.reward_model_update(
         reward_model, rm_optimizer, ro, rm_rewards.view(-1, cfg.group_size), omega_t, mode, rank_cfg, rt

@@ -1,10 +1,11 @@
-"""The paper's other baselines: ReMax, REINFORCE++ and the Pretrained RM, on the same loop."""
+"""The paper's other baselines (baselines.py): ReMax, REINFORCE++ and the Pretrained RM, on the same loop."""
 
 import math
 
 import pytest
 import torch
 
+import baselines
 import r2m
 from helpers import LEARNING_SEED, learned
 from launch import tiny
@@ -20,7 +21,7 @@ def test_remax_advantages_hand_computed():
     rewards = torch.tensor([[1.0, 2.0, 4.0], [0.0, -1.0, 3.0]])
     greedy = torch.tensor([2.0, 1.0])
     expected = torch.tensor([[-1.0, 0.0, 2.0], [-1.0, -2.0, 2.0]])
-    assert torch.equal(r2m.remax_advantages(rewards, greedy), expected)
+    assert torch.equal(baselines.remax_advantages(rewards, greedy), expected)
 
 
 def test_reinforce_pp_returns_and_batch_normalisation_hand_computed():
@@ -36,7 +37,7 @@ def test_reinforce_pp_returns_and_batch_normalisation_hand_computed():
     mean, std = returns.mean(), returns.std()
     expected = torch.tensor([[0.70, 0.75, 0.85], [-2.45, -2.25, 0.0]])
     expected = torch.where(mask.bool(), (expected - mean) / std, torch.zeros(()))
-    out = r2m.reinforce_pp_advantages(rewards, kl, mask, beta)
+    out = baselines.reinforce_pp_advantages(rewards, kl, mask, beta)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
     assert out[mask.bool()].mean().abs() < 1e-6 and out[mask.bool()].std() == pytest.approx(1.0, abs=1e-5)
 
@@ -59,8 +60,10 @@ def test_greedy_baseline_is_greedy_and_its_states_are_the_policys(tmp_path, toke
     rt = devices.make_runtime(cfg)
     batch = prompts[:5]
     ids, mask = data.pad_left(batch, tokenizer.pad_token_id)
-    capture = r2m.GenerationStateCapture(policy, HostRows.for_policy(len(batch), ids.shape[1] + 5, policy, rt))
-    response, response_mask = r2m.generate_responses(policy, ids, mask, tokenizer, cfg, rt, greedy=True, capture=capture)
+    capture = baselines.GenerationStateCapture(policy, HostRows.for_policy(len(batch), ids.shape[1] + 5, policy, rt))
+    with capture:  # one generate() call: every prompt fits one generation batch
+        response, response_mask = r2m.generate_responses(policy, ids, mask, tokenizer, cfg, rt, greedy=True)
+    capture.end_batch(torch.arange(len(batch)))
     gc = GenerationConfig(do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
                           eos_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
@@ -76,8 +79,7 @@ def test_greedy_baseline_is_greedy_and_its_states_are_the_policys(tmp_path, toke
     torch.testing.assert_close(capture.hidden.tensor()[h_mask], h[h_mask], atol=1e-5, rtol=0)
     # the baseline's reward is the RM's score of that greedy response, at the step's ω
     reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
-    mode = r2m.REWARD_MODES["r2m"]
-    greedy_rewards, _ = r2m.greedy_baseline(policy, reward_model, tokenizer, batch, None, 0.7, mode, cfg, rt, None, 0)
+    greedy_rewards = baselines.greedy_baseline(policy, reward_model, tokenizer, batch, None, 0.7, cfg, rt, None, 0)
     with torch.no_grad():
         direct = reward_model(full, full_mask, h, h_mask, omega=0.7)
     torch.testing.assert_close(greedy_rewards, direct, atol=1e-5, rtol=0)
@@ -128,7 +130,7 @@ def test_remax_baseline_is_not_trained_on(tmp_path, tokenizer, models, prompts):
     ro = r2m.rollout(policy, ref_policy, tokenizer, prompts[:8], None, cfg, rt, None, 0, False)
     assert ro.query_responses.shape[0] == cfg.trajectories_per_step  # no greedy rows in what is trained on
     rewards = torch.randn(8, 4)
-    adv = r2m.compute_advantages(rewards, ro, greedy_rewards=rewards.mean(1), cfg=cfg)
+    adv = r2m.ALGOS["remax"].advantages(rewards, ro, rewards.mean(1), cfg)
     torch.testing.assert_close(adv, (rewards - rewards.mean(1, keepdim=True)).reshape(-1))
 
 
@@ -140,7 +142,7 @@ def test_reinforce_pp_has_no_in_loss_kl(tmp_path, tokenizer, models, prompts):
     rt = devices.make_runtime(cfg)
     torch.manual_seed(0)
     ro = r2m.rollout(policy, ref_policy, tokenizer, prompts[:8], None, cfg, rt, None, 0, False)
-    adv = r2m.compute_advantages(torch.randn(8, 4), ro, None, cfg)
+    adv = r2m.ALGOS["reinforce_pp"].advantages(torch.randn(8, 4), ro, None, cfg)
     assert adv.shape == ro.response_mask.shape  # per token
     seen = {}
     original = r2m.policy_loss
@@ -155,12 +157,12 @@ def test_reinforce_pp_has_no_in_loss_kl(tmp_path, tokenizer, models, prompts):
 @pytest.mark.learning
 def test_pretrained_rm_fine_tuning_raises_pair_accuracy_and_trains_the_body(tmp_path, tokenizer):
     rm = tiny.build_reward_model(tokenizer, seed=LEARNING_SEED + 1)
-    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    reward_model = baselines.PretrainedRewardModel(rm, d_policy=64, d_attn=16)
     body_before = {k: v.clone() for k, v in rm.base_model.state_dict().items()}
     cfg = _cfg(tmp_path, reward="pretrained_rm", pretrain_rm_preference_file=tiny.PREFERENCES_TINY,
                pretrain_rm_epochs=3, pretrain_rm_lr=1e-3, seed=LEARNING_SEED)
     chosen, rejected = data.preference_views(tiny.PREFERENCES_TINY, data.make_rm_view(tokenizer))
-    before, after = r2m.pretrain_reward_model(reward_model, chosen, rejected, cfg, devices.make_runtime(cfg))
+    before, after = baselines.pretrain_reward_model(reward_model, chosen, rejected, cfg, devices.make_runtime(cfg))
     assert learned(after - before, 0.1), (before, after)
     assert any(not torch.equal(v, rm.base_model.state_dict()[k]) for k, v in body_before.items())
     assert not any(p.requires_grad for p in rm.parameters())  # frozen again for RL
@@ -172,7 +174,46 @@ def test_invalid_combinations_are_one_line_errors():
         r2m.R2MConfig(algo="rloo", group_size=1, reward="vanilla").validate()
     with pytest.raises(ValueError, match="GREBT"):
         r2m.R2MConfig(algo="remax", group_size=1, reward="r2m").validate()
-    with pytest.raises(ValueError, match="pretrain_rm_preference_file"):
-        r2m.R2MConfig(reward="pretrained_rm").validate()
     r2m.R2MConfig(algo="remax", group_size=1, reward="vanilla").validate()  # K = 1 is fine for ReMax
     r2m.R2MConfig(algo="reinforce_pp", group_size=1, reward="r2m_frozen").validate()
+
+
+@pytest.mark.parametrize("reward,flag", [("pretrained_rm", "pretrain_rm_preference_file"), ("brme", "brme_preference_file")])
+def test_a_mode_fitted_before_rl_needs_its_pairs_before_anything_loads(tmp_path, reward, flag):
+    from launch import flags
+
+    with pytest.raises(SystemExit, match=f"--reward {reward} needs --{flag}"):
+        flags.parse_flags(flags.TLDRArgs, flags.TLDR_PRESETS, ["--reward", reward, "--output_dir", str(tmp_path / "r")])
+
+
+ALL_ALGOS = ["grpo", "reinforce_pp", "remax", "rloo"]
+ALL_REWARDS = ["brme", "iterative_head", "pretrained_rm", "r2m", "r2m_frozen", "r2m_full_rm", "r2m_noise", "vanilla"]
+
+
+@pytest.mark.parametrize("entry", ["import launch.flags", "import launch.runner",
+                                   "sys.path.insert(0, 'experiments'); import overoptimization"])
+def test_every_variant_is_a_row_wherever_runs_start(entry):
+    """The scripts (through launch/) and the study see every estimator and reward mode; a fresh process each."""
+    import subprocess
+    import sys
+
+    from helpers import ENV, ROOT
+
+    code = f"import sys; {entry}; import r2m; print(sorted(r2m.ALGOS)); print(sorted(r2m.REWARD_MODES))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [str(ALL_ALGOS), str(ALL_REWARDS)]
+
+
+def test_r2m_alone_holds_its_own_rows_and_says_where_the_baselines_are():
+    import subprocess
+    import sys
+
+    from helpers import ENV, ROOT
+
+    code = ("import r2m\nprint(sorted(r2m.ALGOS), sorted(r2m.REWARD_MODES))\n"
+            "try:\n    r2m.R2MConfig(algo='remax').validate()\nexcept ValueError as e:\n    print(e)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    first, error = proc.stdout.splitlines()
+    assert first == "['grpo', 'rloo'] ['iterative_head', 'r2m', 'r2m_frozen', 'vanilla']"
+    assert error.startswith("--algo must be one of ['grpo', 'rloo'], got 'remax'") and "import baselines" in error

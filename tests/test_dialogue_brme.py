@@ -73,7 +73,7 @@ def test_brme_rl_run_raises_the_robust_reward(tmp_path, tokenizer, prompts):
                         forward_batch_size=16, generation_batch_size=32, device="cpu", brme_epochs=5, brme_lr=3e-2,
                         output_dir=str(tmp_path / "run"), save_every=0, sample_every=0, seed=LEARNING_SEED)
     fitted_alone = copy.deepcopy(ensemble)  # the same fit, without RL after it
-    fitted_alone.fit_before_rl(*pairs, cfg=cfg, rt=devices.make_runtime(cfg))
+    fitted_alone.fit_before_rl(*pairs, cfg=cfg, runtime=devices.make_runtime(cfg))
     history = r2m.train(policy, ref_policy, ensemble, tokenizer, prompts, cfg, preferences=pairs)  # fits, then RL
     rewards = [h["reward/mean"] for h in history]
     assert learned(sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3, history[0]["reward/std"]), rewards
@@ -89,6 +89,6 @@ def test_brme_refuses_an_r2m_mode_mismatch(tmp_path, tokenizer, models, prompts)
     try:
         r2m.train(policy, ref_policy, brme.BRMEReward(rm), tokenizer, prompts, cfg)
     except ValueError as e:
-        assert "needs an R2MRewardModel" in str(e)
+        assert "needs a reward model of class R2MRewardModel" in str(e)
     else:
         raise AssertionError("a BRME reward model under --reward r2m must be refused")

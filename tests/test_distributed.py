@@ -95,6 +95,7 @@ def test_tiny_preset_under_torchrun_checkpoints_and_resumes_with_1_or_2_ranks(tm
 
 
 def test_each_rank_gets_an_equal_share_or_a_clear_error():
+    import baselines
     import r2m
     from plumbing import distributed
 
@@ -112,7 +113,10 @@ def test_each_rank_gets_an_equal_share_or_a_clear_error():
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             distributed.per_rank_config(r2m.R2MConfig(**{**vars(cfg), **change}), 2)
     with pytest.raises(ValueError, match="one process only"):
-        distributed.per_rank_config(cfg, 2, train_body=True)
+        distributed.per_rank_config(cfg, 2, baselines.WholeRewardModel)
+    with pytest.raises(ValueError, match="--pretrain_rm_batch_size 3 must be divisible"):  # split over the processes
+        distributed.per_rank_config(r2m.R2MConfig(**{**vars(cfg), "pretrain_rm_batch_size": 3}), 2,
+                                    baselines.PretrainedRewardModel)
 
 
 # --- the Pretrained RM, checkpoint repair, save errors and LoRA on 2 ranks ------------------------------------------

@@ -176,9 +176,9 @@ def test_grebt_pairs_fresh_by_default_annotated_on_request(tmp_path, tokenizer):
         cfg = _cfg(tmp_path, grebt_pairs=pairs, alpha=0.0, rm_minibatch_groups=n, rm_lr=0.0)
         with torch.no_grad():
             fresh = model.rewards_from_embedding(ro.reward_token_embedding, ro.hidden.tensor(), ro.hidden_mask, 0.5)
-            fresh = fresh.view(n, K) if mode.feedback else model.rewards_from_embedding(
+            fresh = fresh.view(n, K) if mode.sees_policy else model.rewards_from_embedding(
                 ro.reward_token_embedding).view(n, K)
-        opt = torch.optim.AdamW(list(model.trainable_parameters(feedback=mode.feedback)), lr=0.0)
+        opt = torch.optim.AdamW(list(model.trainable_parameters(feedback=mode.sees_policy)), lr=0.0)
         stats = r2m.reward_model_update(model, opt, ro, annotated, 0.5, mode, cfg, devices.make_runtime(cfg))
         chooser = annotated if (pairs == "annotated" or mode_name == "iterative_head") else fresh
         w, l = chooser.argmax(1), chooser.argmin(1)

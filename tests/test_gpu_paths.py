@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import brme
+import baselines
 import r2m
 import train_tldr
 from launch import flags as launch_flags
@@ -129,7 +130,7 @@ def test_pretrained_rm_frees_its_gradients_and_cuts_each_batch_to_its_longest_ro
     rm.base_model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["input_ids"].shape), with_kwargs=True)
     cfg = bf16_cfg(tmp_path, reward="pretrained_rm", pretrain_rm_preference_file="x", pretrain_rm_batch_size=4,
                    forward_batch_size=8, pretrain_rm_epochs=1)
-    r2m.pretrain_reward_model(reward_model, chosen, rejected, cfg, devices.make_runtime(cfg))
+    baselines.pretrain_reward_model(reward_model, chosen, rejected, cfg, devices.make_runtime(cfg))
     assert all(p.grad is None for p in reward_model.parameters())
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in rm.parameters())  # frozen, stored in bf16
     longest = chosen[1].sum(1).max().item()

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import baselines
 import r2m
 from helpers import LEARNING_SEED, learned
 from launch import tiny
@@ -51,7 +52,7 @@ def test_one_step_updates_exactly_the_right_parameters(tmp_path, tokenizer, mode
 ])
 def test_reward_modes_train_what_they_should(tmp_path, tokenizer, models, prompts, mode, attn_trains, head_trains):
     policy, ref_policy, rm = models
-    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    reward_model = r2m.REWARD_MODES[mode].reward_model(rm, d_policy=64, d_attn=16)
     attn, head = snapshot(reward_model.policy_feedback), snapshot(reward_model.score_head)
     history = r2m.train(policy, ref_policy, reward_model, tokenizer, prompts, tiny_cfg(tmp_path, reward=mode))
     assert bool(changed(attn, reward_model.policy_feedback)) == attn_trains
@@ -167,7 +168,7 @@ def test_grebt_step_lowers_its_loss_on_a_fixed_batch(tmp_path, tokenizer):
 
 def test_whole_rm_baseline_trains_the_body_and_r2m_does_not(tmp_path, tokenizer, models, prompts):
     policy, ref_policy, rm = models
-    reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
+    reward_model = baselines.WholeRewardModel(rm, d_policy=64, d_attn=16)
     body = snapshot(rm.base_model)
     counts = {"rm": 0}
     rm.base_model.register_forward_hook(lambda *a: counts.__setitem__("rm", counts["rm"] + 1))
@@ -191,13 +192,13 @@ def test_whole_rm_grebt_step_in_micro_batches_is_the_same_update(tmp_path, token
     after = {}
     for micro in (32, 4):  # all 8 groups at once, then 1 group (K = 4 sequences) per RM forward
         rm = tiny.build_reward_model(tokenizer, seed=1)
-        model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
-        rm.base_model.requires_grad_(True)
+        model = baselines.WholeRewardModel(rm, d_policy=64, d_attn=16)  # its body trains
         counts = {"rm": 0}
         rm.base_model.register_forward_hook(lambda *a: counts.__setitem__("rm", counts["rm"] + 1))
         with torch.no_grad():
-            annotated = r2m.annotate_rewards(model, ro, 0.6, mode, cfg, rt).view(8, 4)
-        optimizer = torch.optim.SGD(list(model.trainable_parameters(body=True)), lr=0.5)
+            annotated, ro.reward_token_embedding, _ = r2m.annotate_rewards(model, ro, 0.6, cfg, rt)
+            annotated = annotated.view(8, 4)
+        optimizer = torch.optim.SGD(list(model.trainable_parameters()), lr=0.5)
         micro_cfg = tiny_cfg(tmp_path, reward="r2m_full_rm", rm_minibatch_groups=8, micro_batch_size=micro,
                              policy_minibatch_size=32)
         forwards_before = counts["rm"]

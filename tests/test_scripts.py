@@ -80,7 +80,9 @@ def test_every_flag_has_help():
 
     import r2m
 
-    for cls in (r2m.R2MConfig, launch_flags.TLDRArgs, launch_flags.UltraFeedbackArgs):
+    # the loop's help texts live with the flags (launch/flags.py), one per field of r2m.R2MConfig
+    assert set(launch_flags.LOOP_HELP) == {f.name for f in dataclasses.fields(r2m.R2MConfig)}
+    for cls in (launch_flags.loop_flags(), launch_flags.TLDRArgs, launch_flags.UltraFeedbackArgs):
         for f in dataclasses.fields(cls):
             assert len(f.metadata.get("help", "")) > 10, f"{cls.__name__}.{f.name} has no help text"
     proc = run("train_tldr.py", "--help")
