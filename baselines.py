@@ -36,11 +36,10 @@ def remax_advantages(rewards: torch.Tensor, greedy_rewards: torch.Tensor) -> tor
 
 
 class GenerationStateCapture(r2m.HiddenStateCapture):
-    """The policy's last-layer states during `generate()`, for greedy responses no forward is run on. With a KV cache
-    the prefill sees positions 0..P-1 and each decoding step one more, and transformers hands the LM head only the
-    last position, so the hook sits on the backbone's output (its `last_hidden_state`, after the final norm: the LM
-    head's input); `end_batch` writes one generate() call's pieces into rows of `hidden`, a HostRows (N, P + R - 1,
-    D_p): the positions whose outputs predicted a token, as `HiddenStateCapture` gives with [:, :-1]."""
+    """The policy's last-layer states during `generate()`, for greedy responses no forward is run on: the same hook on
+    the backbone's output, where with a KV cache the prefill gives positions 0..P-1 and each decoding step one more;
+    `end_batch` writes one generate() call's pieces into rows of `hidden` (a HostRows): the positions whose outputs
+    predicted a real token, as `HiddenStateCapture` gives them."""
 
     def __init__(self, policy: nn.Module, hidden: HostRows):
         super().__init__(policy)
@@ -50,17 +49,12 @@ class GenerationStateCapture(r2m.HiddenStateCapture):
     def _hook(self, module, inputs, output):
         self._pieces.append(output[0].detach())  # (b, s, D_p): s = P at prefill, then 1 per decoding step
 
-    def __enter__(self) -> "GenerationStateCapture":
-        self._handle = self.policy.base_model.register_forward_hook(self._hook)
-        return self
-
-    def end_batch(self, rows: torch.Tensor) -> None:
-        """Close one generate() call whose sequences are rows `rows` (b,): its states, zero-padded to the rows'
-        length (P + R - 1) when generation stopped early."""
-        length = self.hidden.row_shape[0]
-        states = torch.cat(self._pieces, dim=1)[:, :length]
+    def end_batch(self, rows: torch.Tensor, mask: torch.Tensor) -> None:
+        """Close one generate() call whose sequences are rows `rows` (b,): mask (b, S) marks, in the call's columns,
+        the positions that predicted a real token (the states stop earlier when generation stopped early)."""
+        states = torch.cat(self._pieces, dim=1)  # (b, S' <= S, D_p)
         self._pieces = []
-        self.hidden.scatter(rows, F.pad(states, (0, 0, 0, length - states.shape[1])))
+        self.hidden.scatter(rows, F.pad(states, (0, 0, 0, mask.shape[1] - states.shape[1])), mask)
 
 
 @torch.no_grad()
@@ -73,16 +67,17 @@ def greedy_baseline(policy: nn.Module, reward_model: r2m.FrozenRewardBody, token
     policy.eval()
     query_ids, query_mask = pad_left(prompts, pad_token_id(tokenizer))  # (n, P)
     P, n = query_ids.shape[1], len(prompts)
-    capture = GenerationStateCapture(policy, HostRows.for_policy(n, P + cfg.max_new_tokens - 1, policy, runtime)) \
+    room = [len(p) + cfg.max_new_tokens - 1 for p in prompts]  # each row's most positions: a response of R tokens
+    capture = GenerationStateCapture(policy, HostRows.for_policy(room, policy, runtime)) \
         if r2m.REWARD_MODES[cfg.reward].sees_policy else None
     responses = []
-    for s in range(0, n, cfg.generation_batch_size):
-        rows = torch.arange(s, min(s + cfg.generation_batch_size, n))
+    for rows in torch.arange(n).split(cfg.generation_batch_size):
         with capture if capture is not None else contextlib.nullcontext():
             responses.append(r2m.generate_responses(policy, query_ids[rows], query_mask[rows], tokenizer, cfg, runtime,
                                                     greedy=True))  # (b, R) each
-        if capture is not None:
-            capture.end_batch(rows)
+        if capture is not None:  # the call's columns: the batch's own longest prompt, then the responses
+            prompt = r2m.window(query_mask[rows])
+            capture.end_batch(rows, r2m.hidden_state_mask(torch.cat([query_mask[rows, prompt], responses[-1][1]], 1)))
     response_ids, response_mask = (torch.cat(x) for x in zip(*responses))  # (n, R)
     query_responses = torch.cat([query_ids, response_ids], dim=1)  # (n, P+R)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
@@ -91,7 +86,7 @@ def greedy_baseline(policy: nn.Module, reward_model: r2m.FrozenRewardBody, token
     greedy = r2m.Rollout(
         query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
         old_logprobs=None, ref_logprobs=None,  # a baseline is scored, never trained on
-        hidden=capture.hidden if capture is not None else None, hidden_mask=r2m.hidden_state_mask(attention_mask),
+        hidden=capture.hidden if capture is not None else None,
         rm_input_ids=rm_ids, rm_attention_mask=rm_mask, prompt_len=P,
         contains_eos=(response_ids == tokenizer.eos_token_id).any(dim=1),
     )
@@ -261,9 +256,10 @@ class WholeRewardModel(r2m.R2MRewardModel):
         return list(groups.split(max(1, cfg.micro_batch_size // cfg.group_size)))
 
     def update_embedding(self, trajectories: r2m.Rollout, rows: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-        """H_last changes with the body: recomputed, with gradients."""
-        return self.reward_token_embedding(trajectories.rm_input_ids[rows].to(runtime.device),
-                                           trajectories.rm_attention_mask[rows].to(runtime.device), grad=True)
+        """H_last changes with the body: recomputed, with gradients (the pass cut to its own longest row)."""
+        cols = r2m.window(trajectories.rm_attention_mask[rows])
+        return self.reward_token_embedding(trajectories.rm_input_ids[rows, cols].to(runtime.device),
+                                           trajectories.rm_attention_mask[rows, cols].to(runtime.device), grad=True)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -66,11 +66,13 @@ class R2MConfig:
     brme_lr: float = 1e-4
     brme_sigma_prior: float = 0.01
     # --- the run -------------------------------------------------------------------------------------
-    generation_batch_size: int = 64  # sequences generated at once
+    generation_batch_size: int = 120  # Choice: the most (<= 128, a multiple of 8) the memory plan fits with 10 GiB free
     forward_batch_size: int = 32  # sequences per no-grad forward (old/ref log-probs, RM annotation)
     micro_batch_size: int = 8  # sequences per policy forward/backward
     bf16: Optional[bool] = None  # bf16 frozen models and autocast, float32 masters (default: on for CUDA)
     gradient_checkpointing: Optional[bool] = None  # recompute the policy's activations (default: on for CUDA)
+    checkpoint_layers: int = 1  # ... of that many of its layers when on by default (-1: all); Choice: the plan's fewest
+    cache_weight_casts: bool = True  # with --bf16, a minibatch's micro-batches share one bf16 cast of each weight
     device: str = "auto"
     seed: int = 0
     output_dir: str = "runs/r2m"
@@ -97,9 +99,10 @@ class R2MConfig:
 
 
 class HiddenStateCapture:
-    """The policy's last-layer hidden states, recorded during a forward pass the loop makes anyway: a hook on the LM
-    head, whose input is the last hidden state after the final norm in any Hugging Face causal LM.
-    `with HiddenStateCapture(policy) as capture: policy(ids)`, then `capture.pop()` -> h (B, S, D_p), detached."""
+    """The policy's last-layer hidden states from a forward the loop makes anyway: a hook on its backbone, whose output
+    is the last hidden state (after the final norm) at every position, in any Hugging Face causal LM (the LM head
+    sees fewer: logits are computed only where read). `with HiddenStateCapture(policy) as c: policy(ids)`, then
+    `c.pop()` -> h (B, S, D_p), detached."""
 
     def __init__(self, policy: nn.Module, enabled: bool = True):
         self.policy, self.enabled = policy, enabled
@@ -107,7 +110,7 @@ class HiddenStateCapture:
         self._handle = None
 
     def _hook(self, module, inputs, output):
-        self.hidden = inputs[0].detach()  # (B, S, D_p)
+        self.hidden = output[0].detach()  # (B, S, D_p): last_hidden_state
 
     def pop(self) -> torch.Tensor:
         """(B, S, D_p), our reference dropped (under autocast a float32 copy that would stay on the GPU for nothing)."""
@@ -116,7 +119,7 @@ class HiddenStateCapture:
 
     def __enter__(self) -> "HiddenStateCapture":
         if self.enabled:
-            self._handle = self.policy.get_output_embeddings().register_forward_hook(self._hook)
+            self._handle = self.policy.get_decoder().register_forward_hook(self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -191,8 +194,7 @@ class FrozenRewardBody(nn.Module):
         self.reward_model = reward_model
 
     def reward_token_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, grad: bool = False):
-        """(B, S), (B, S) -> H_last (B, D_rm): the body's last hidden state at the last real token; without
-        gradients unless `grad` (only the whole-RM baseline trains the body)."""
+        """(B, S), (B, S) -> H_last (B, D_rm), the last real token's last hidden state (gradients: only with `grad`)."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             hidden = self.reward_model.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
@@ -256,17 +258,19 @@ class R2MRewardModel(FrozenRewardBody):
         return [groups]
 
     def update_embedding(self, trajectories: "Rollout", rows: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-        """H_last of `rows` (b, D_rm) for the GREBT step.
-        Choice: the RM body is frozen, so the H_last computed at annotation is exact: the step needs no RM forward."""
+        """H_last of `rows` (b, D_rm) for GREBT. Choice: the body is frozen: annotation's is exact (no RM forward)."""
         return trajectories.reward_token_embedding[rows.to(trajectories.reward_token_embedding.device)]
 
     @classmethod
     def build(cls, rm: nn.Module, cfg: R2MConfig, d_policy: int) -> "R2MRewardModel":
         return cls(rm, d_policy=d_policy, d_attn=cfg.d_attn, seed=cfg.seed)
 
-    save_body = False  # checkpoints keep only the heads, unless the body was trained (baselines.py)
-    trainable_state_dict = checkpoints.heads_state_dict
-    load_trainable_state_dict = checkpoints.load_heads_state_dict
+
+
+# --- checkpoints: what one keeps of an R2M reward model (its heads; its body, if trained: baselines.py) ---
+R2MRewardModel.save_body = False
+R2MRewardModel.trainable_state_dict = checkpoints.heads_state_dict
+R2MRewardModel.load_trainable_state_dict = checkpoints.load_heads_state_dict
 
 
 # ---- Algorithm 1, steps 1-2: sampling K responses per query (π_old = π_θ), and reward annotation -------------------
@@ -281,8 +285,8 @@ class Rollout:
     response_mask: torch.Tensor  # (N, R) 1 on response tokens up to and including EOS
     old_logprobs: torch.Tensor  # (N, R) log π_old of the sampled tokens (temperature-scaled)
     ref_logprobs: torch.Tensor  # (N, R) log π_ref of the same tokens
-    hidden: Optional[HostRows]  # (N, P + R - 1, D_p) h in host memory (devices.HostRows); None without feedback
-    hidden_mask: torch.Tensor  # (N, P + R - 1) bool: the positions whose output predicts a real token
+    hidden: Optional[HostRows]  # h in host memory, row i (p_i + r_i - 1, D_p): its positions that predict a real
+    # token (devices.HostRows); None without feedback
     rm_input_ids: torch.Tensor  # (N, S_rm) the RM's view: these ids with a shared tokenizer, else its own, right-padded
     rm_attention_mask: torch.Tensor  # (N, S_rm)
     contains_eos: torch.Tensor  # (N,) bool
@@ -307,16 +311,23 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tup
     return responses.masked_fill(~mask, pad_id), mask.long()
 
 
+def window(attention_mask: torch.Tensor) -> slice:
+    """(b, S) CPU mask -> the columns where some row is real: the batch cut to its own longest row, either padding."""
+    real = attention_mask.any(dim=0).nonzero()
+    return slice(int(real[0]), int(real[-1]) + 1)
+
+
 LOGPROB_CHUNK_ELEMENTS = 2**27  # float32 logits per chunk in sequence_logprobs: 512 MiB
 
 
 def sequence_logprobs(model: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                       temperature: float) -> torch.Tensor:
     """(B, P+R) -> (B, R): log-probabilities of the response tokens under `model` at `temperature`."""
-    logits = model(input_ids=query_responses, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits  # (B, P+R, V)
-    # Logits at position s predict token s+1: the response tokens P..P+R-1 are predicted by positions P-1..P+R-2.
-    logits = logits[:, prompt_len - 1 : -1]  # (B, R, V), in the forward's dtype (bf16 under autocast)
+    R = query_responses.shape[1] - prompt_len
+    # Logits at position s predict token s+1: the response tokens P..P+R-1 are predicted by positions P-1..P+R-2, so
+    # the LM head runs on the last R+1 positions only, the very last dropped (none on the prompt: nobody reads them).
+    logits = model(input_ids=query_responses, attention_mask=attention_mask, use_cache=False, logits_to_keep=R + 1,
+                   position_ids=position_ids_from_mask(attention_mask)).logits[:, :-1]  # (B, R, V), bf16 under autocast
     targets = query_responses[:, prompt_len:]  # (B, R)
     # Choice: log p = logit - logsumexp(logits) in float32, a few positions at a time (recomputed in backward), never
     # one float32 log-softmax over every position's vocabulary (2.5 GB for 8 x 512 positions of Qwen's 151,936).
@@ -340,18 +351,18 @@ def generate_responses(policy: nn.Module, query_ids: torch.Tensor, query_mask: t
     afterwards are those of the distribution sampled; greedy decoding for ReMax's baseline (baselines.py)."""
     from transformers import GenerationConfig
 
-    R, P = cfg.max_new_tokens, query_ids.shape[1]
+    R = cfg.max_new_tokens
     pad_id, eos_id = pad_token_id(tokenizer), tokenizer.eos_token_id
     sampling = dict(do_sample=False) if greedy else \
         dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
     config = GenerationConfig(**sampling, max_new_tokens=R, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True)
     responses = []
-    for s in range(0, len(query_ids), cfg.generation_batch_size):
-        ids = query_ids[s : s + cfg.generation_batch_size].to(runtime.device)
-        mask = query_mask[s : s + cfg.generation_batch_size].to(runtime.device)
+    for rows in torch.arange(len(query_ids)).split(cfg.generation_batch_size):
+        prompt = window(query_mask[rows])  # the batch's own longest prompt
+        ids, mask = query_ids[rows, prompt].to(runtime.device), query_mask[rows, prompt].to(runtime.device)
         with devices.generating(policy, runtime):  # --- bf16 weights, none of the model's own settings; FSDP once ---
             out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        response = out[:, P:]  # (b, R') with R' <= R: generation stops once every row has hit EOS
+        response = out[:, ids.shape[1] :]  # (b, R') with R' <= R: generation stops once every row has hit EOS
         responses.append(F.pad(response, (0, R - response.shape[1]), value=pad_id).cpu())  # (b, R)
     return truncate_after_eos(torch.cat(responses), eos_id, pad_id)  # (N, R) each
 
@@ -369,35 +380,37 @@ def rollout(policy: nn.Module, ref_policy: nn.Module, tokenizer, prompts: list[l
     response_ids, response_mask = generate_responses(policy, query_ids, query_mask, tokenizer, cfg, runtime)  # (N, R)
     query_responses = torch.cat([query_ids, response_ids], dim=1)  # (N, P+R)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)  # (N, P+R)
-    # h in host memory, one row per trajectory: the last position predicts nothing, so P + R - 1 positions
-    hidden = HostRows.for_policy(len(queries), P + cfg.max_new_tokens - 1, policy, runtime) if capture_hidden else None
-    old, ref = [], []
-    for s in range(0, len(queries), cfg.forward_batch_size):
-        batch = query_responses[s : s + cfg.forward_batch_size].to(runtime.device)
-        batch_mask = attention_mask[s : s + cfg.forward_batch_size].to(runtime.device)
+    # h in host memory, one row per trajectory: its real tokens but the last (which predicts nothing)
+    lengths = attention_mask.sum(1) - 1  # (N,)
+    hidden = HostRows.for_policy(lengths.tolist(), policy, runtime) if capture_hidden else None
+    old, ref = torch.zeros(response_mask.shape), torch.zeros(response_mask.shape)  # (N, R)
+    for rows in torch.arange(len(queries)).split(cfg.forward_batch_size):
+        cols = window(attention_mask[rows])  # the batch cut to its own longest row
+        batch = query_responses[rows, cols].to(runtime.device)
+        batch_mask = attention_mask[rows, cols].to(runtime.device)
+        P_b, R_b = P - cols.start, cols.stop - P  # its prompt and response widths
         with runtime.autocast(), HiddenStateCapture(policy, enabled=capture_hidden) as capture:
-            old.append(sequence_logprobs(policy, batch, batch_mask, P, cfg.temperature).cpu())
-        if capture_hidden:
-            hidden.scatter(torch.arange(s, s + len(batch)), capture.pop()[:, :-1])  # (b, P+R-1, D_p)
+            old[rows, :R_b] = sequence_logprobs(policy, batch, batch_mask, P_b, cfg.temperature).cpu()  # (b, R_b)
+        if capture_hidden:  # each row's own positions: those whose output predicts a real token
+            hidden.scatter(rows, capture.pop(), hidden_state_mask(attention_mask[rows, cols]))
         with runtime.autocast():
-            ref.append(sequence_logprobs(ref_policy, batch, batch_mask, P, cfg.temperature).cpu())
+            ref[rows, :R_b] = sequence_logprobs(ref_policy, batch, batch_mask, P_b, cfg.temperature).cpu()
     if capture_hidden:
         hidden.synchronize()
     row_texts = [prompt_texts[i // cfg.group_size] for i in range(len(queries))] if prompt_texts is not None else None
     rm_ids, rm_mask = rm_inputs(tokenizer, query_responses, attention_mask, response_ids, response_mask, row_texts,
                                 rm_view, rm_pad_id)
     return Rollout(query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
-                   old_logprobs=torch.cat(old), ref_logprobs=torch.cat(ref), hidden=hidden,
-                   hidden_mask=hidden_state_mask(attention_mask), rm_input_ids=rm_ids, rm_attention_mask=rm_mask,
+                   old_logprobs=old, ref_logprobs=ref, hidden=hidden, rm_input_ids=rm_ids, rm_attention_mask=rm_mask,
                    contains_eos=(response_ids == tokenizer.eos_token_id).any(dim=1) & (response_mask.sum(1) > 0),
                    prompt_len=P)
 
 
 def policy_states(trajectories: Rollout, rows: torch.Tensor, runtime: Runtime):
-    """h of `rows` (b, P+R-1, D_p) on the device and its mask (b, P+R-1); (None, None) when none was captured."""
+    """h of `rows` (b, L, D_p) on the device, each from position 0, and its mask (b, L); (None, None) without."""
     if trajectories.hidden is None:
         return None, None
-    return trajectories.hidden.gather(rows, runtime.device), trajectories.hidden_mask[rows].to(runtime.device)
+    return trajectories.hidden.gather(rows, runtime.device)
 
 
 @torch.no_grad()
@@ -409,9 +422,10 @@ def annotate_rewards(reward_model: FrozenRewardBody, trajectories: Rollout, omeg
     N = trajectories.rm_input_ids.shape[0]
     for s in range(0, N, cfg.forward_batch_size):
         rows = torch.arange(s, min(s + cfg.forward_batch_size, N))
+        cols = window(trajectories.rm_attention_mask[rows])  # the batch cut to its own longest row
         with runtime.autocast():
-            h_last = reward_model.reward_token_embedding(trajectories.rm_input_ids[rows].to(runtime.device),
-                                                         trajectories.rm_attention_mask[rows].to(runtime.device))
+            h_last = reward_model.reward_token_embedding(trajectories.rm_input_ids[rows, cols].to(runtime.device),
+                                                         trajectories.rm_attention_mask[rows, cols].to(runtime.device))
             h, h_mask = policy_states(trajectories, rows, runtime)  # (b, S, D_p), (b, S), or None
             r, part = reward_model.reward_parts(h_last, h, h_mask, omega_t)  # Eqs. 3-4: (b,), (b,)
         rewards.append(r.float().cpu())
@@ -470,51 +484,57 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs
     lengths = mask.sum(dim=1).clamp_min(1)  # (B,)
     masked_mean = lambda x: (torch.where(mask, x, 0.0).sum(dim=1) / lengths)  # noqa: E731  (B, T) -> (B,)
     loss = masked_mean(per_token).mean()
-    with torch.no_grad():
-        stats = {"policy/loss": loss.item(), "policy/kl_k3": masked_mean(kl).mean().item(),
-                 "policy/clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float()).mean().item(),
-                 "policy/ratio": masked_mean(ratio).mean().item()}
+    with torch.no_grad():  # 0-d tensors, left on the device: summed there, read once a step
+        stats = {"policy/loss": loss.detach(), "policy/kl_k3": masked_mean(kl).mean(),
+                 "policy/clipfrac": masked_mean(((ratio - 1).abs() > clip_eps).float()).mean(),
+                 "policy/ratio": masked_mean(ratio).mean()}
     return loss, stats
 
 
 def policy_update(policy: nn.Module, optimizer: torch.optim.Optimizer, trajectories: Rollout,
                   advantages: torch.Tensor, cfg: R2MConfig, runtime: Runtime) -> dict:
-    """4. k epochs of Eq. 2 over the step's trajectories in minibatches; advantages (N,) or (N, R). In the LAST epoch
-    the forwards that compute π_θ's log-probs also capture fresh h' (same hook, no extra pass) into
-    trajectories.hidden, for the RM step (nothing is captured when it is None)."""
+    """4. k epochs of Eq. 2 over the step's trajectories in minibatches; advantages (N,) or (N, R). The LAST epoch's
+    forwards also capture fresh h' (same hook, no extra pass) into trajectories.hidden, for the RM step (if any)."""
     policy.train()  # only for gradient checkpointing: dropout was switched off at start-up
     N, P = trajectories.query_responses.shape[0], trajectories.prompt_len
     accumulation = cfg.policy_minibatch_size // cfg.micro_batch_size
     beta = cfg.beta if ALGOS[cfg.algo].kl_in_loss else 0.0
-    stats: dict[str, float] = {}
-    updates = 0
+    lengths = trajectories.attention_mask.sum(1)  # (N,) real tokens per row
+    sums, micro_batches, minibatches = {}, 0, 0  # the statistics, summed on the device
     for epoch in range(cfg.policy_epochs):
         refresh = epoch == cfg.policy_epochs - 1 and trajectories.hidden is not None
         order = torch.randperm(N)
         for start in range(0, N, cfg.policy_minibatch_size):
+            minibatch = order[start : start + cfg.policy_minibatch_size]
+            # Choice: a minibatch's rows in order of length, so each micro-batch is cut to its own longest row (the
+            # summed update is the same), and its forwards share one bf16 cast of each weight (`cached_casts`)
+            minibatch = minibatch[lengths[minibatch].argsort(descending=True, stable=True)]
             optimizer.zero_grad(set_to_none=True)
-            for rows in order[start : start + cfg.policy_minibatch_size].split(cfg.micro_batch_size):
-                on_device = lambda x: x[rows].to(runtime.device)  # noqa: E731
-                with runtime.autocast(), HiddenStateCapture(policy, enabled=refresh) as capture:
-                    logprobs = sequence_logprobs(policy, on_device(trajectories.query_responses),
-                                                 on_device(trajectories.attention_mask), P, cfg.temperature)  # (b, R)
-                loss, s = policy_loss(logprobs, on_device(trajectories.old_logprobs),
-                                      on_device(trajectories.ref_logprobs), on_device(advantages),
-                                      on_device(trajectories.response_mask), cfg.clip_eps, beta)
-                if refresh:  # copied out before backward, so the float32 states are not held through it
-                    trajectories.hidden.scatter(rows, capture.pop()[:, :-1])
-                (loss / accumulation).backward()  # every micro-batch has the same size: the exact minibatch mean
-                for k, v in s.items():
-                    stats[k] = stats.get(k, 0.0) + v
-                updates += 1
+            with runtime.cached_casts():
+                for rows in minibatch.split(cfg.micro_batch_size):
+                    cols = window(trajectories.attention_mask[rows])  # P_b + R_b of the P + R columns
+                    ids, mask = trajectories.query_responses[rows, cols], trajectories.attention_mask[rows, cols]
+                    take = lambda x: (x[rows] if x.dim() == 1 else x[rows, : cols.stop - P]).to(runtime.device)  # noqa
+                    with HiddenStateCapture(policy, enabled=refresh) as capture:
+                        logprobs = sequence_logprobs(policy, ids.to(runtime.device), mask.to(runtime.device),
+                                                     P - cols.start, cfg.temperature)  # (b, R_b)
+                    if refresh:  # copied out before backward, so the float32 states are not held through it
+                        trajectories.hidden.scatter(rows, capture.pop(), hidden_state_mask(mask))
+                    with runtime.no_autocast():
+                        loss, s = policy_loss(logprobs, take(trajectories.old_logprobs),
+                                              take(trajectories.ref_logprobs), take(advantages),
+                                              take(trajectories.response_mask), cfg.clip_eps, beta)
+                        (loss / accumulation).backward()  # micro-batches of one size: the exact minibatch mean
+                    sums = {**sums, **{k: sums.get(k, 0.0) + v for k, v in s.items()}}
+                    micro_batches += 1
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            stats["policy/grad_norm"] = stats.get("policy/grad_norm", 0.0) + float(grad_norm) * accumulation
+            sums["policy/grad_norm"], minibatches = sums.get("policy/grad_norm", 0.0) + grad_norm, minibatches + 1
             optimizer.step()
-    # Choice: gradients freed after the last update, not kept on the GPU through the next step's other phases
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # Choice: no gradients kept on the GPU through the next step's phases
     if trajectories.hidden is not None:
         trajectories.hidden.synchronize()
-    return {k: v / updates for k, v in stats.items()}
+    # the step's one read of its statistics: means over micro-batches (over optimiser steps for the norm)
+    return {k: float(v) / (minibatches if k == "policy/grad_norm" else micro_batches) for k, v in sums.items()}
 
 
 # ---- Algorithm 1, step 5: the reward model's update with GREBT (Eqs. 5-7) ------------------------------------------
@@ -577,18 +597,18 @@ def reward_model_update(reward_model: R2MRewardModel, optimizer: torch.optim.Opt
                 weight = len(part) / len(groups)  # Eq. 7 averages over groups: a pass counts by its share
                 loss = grebt_loss(new, pair_rewards, cfg.alpha) * weight
                 loss.backward()
-                with torch.no_grad():
+                with torch.no_grad():  # summed on the device, read once a step
                     w, l = grebt_pair(pair_rewards)
-                    totals["rm/bt"] += weight * bradley_terry_loss(new.gather(1, w).squeeze(1),
-                                                                   new.gather(1, l).squeeze(1)).item()
-                    totals["rm/gre"] += weight * group_reward_entropy(new).item()
-                    totals["rm/grebt"] += loss.item()
+                    r_w, r_l = new.gather(1, w).squeeze(1), new.gather(1, l).squeeze(1)  # (g,) each
+                    totals["rm/bt"] += weight * bradley_terry_loss(r_w, r_l)
+                    totals["rm/gre"] += weight * group_reward_entropy(new)
+                    totals["rm/grebt"] += loss.detach()
             distributed.average_gradients(reward_model.parameters())  # --- distributed: replicated head ---
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
             optimizer.step()
             batches += 1
     optimizer.zero_grad(set_to_none=True)  # as the policy's: no gradients kept until the next step
-    return {k: v / batches for k, v in totals.items()}
+    return {k: float(v) / batches for k, v in totals.items()}
 
 
 # ---- The variants: each estimator and reward mode is one row, chosen here and nowhere else -------------------------
@@ -709,6 +729,9 @@ def train(policy: nn.Module, ref_policy: nn.Module, reward_model: FrozenRewardBo
     for step in bar:
         n = rank_cfg.queries_per_step  # --- distributed: this process's whole groups ---
         chosen = step_prompt_indices(len(prompts), cfg.queries_per_step, step, cfg.seed)[rank * n : (rank + 1) * n]
+        # Choice: the step's groups longest prompt first, so each batch of every phase holds rows of similar length and
+        # is cut to its own longest (little padding); the first batch is the largest, so a step that fits does at once
+        chosen = sorted(chosen, key=lambda i: -len(prompts[i]))
         batch = [prompts[i] for i in chosen]
         batch_texts = [prompt_texts[i] for i in chosen] if prompt_texts is not None else None
         trajectories = None  # the last step's h (GBs of host memory) goes before the next is sampled

@@ -58,12 +58,12 @@ PLAN_PHASES = {"generation": ["generation"], "old/ref log-probs": ["old/ref log-
                "policy update": ["policy forward/backward", "policy AdamW step"], "RM update (GREBT)": ["RM update (GREBT)"]}
 STEP_CONFIG = "pythia-2.8b.json"  # the TL;DR policy and RM architecture
 SIZES = {
-    # the TL;DR defaults but 64 prompts x 4: 4 generation batches of 64, 8 forward batches of 32, 32 micro-batches of 8
-    # per epoch, 2 GREBT minibatches of 32 groups
-    "full": dict(queries_per_step=64, group_size=4, max_new_tokens=50, prompt_tokens=512, generation_batch_size=64,
-                 forward_batch_size=32, micro_batch_size=8, policy_minibatch_size=256, rm_minibatch_groups=32, d_attn=2048),
+    # the TL;DR defaults (generation, forward and micro batch sizes, checkpointed layers: r2m.R2MConfig's) but 64 prompts
+    # x 4, of TL;DR's prompt lengths (launch.configs.TLDR_PROMPT_LENGTHS): every phase at its full batch size
+    "full": dict(queries_per_step=64, group_size=4, max_new_tokens=50, prompt_lengths=(181, 512),
+                 policy_minibatch_size=256, rm_minibatch_groups=32, d_attn=2048),
     # the same config file cut to a tiny size (launch.configs.TINY), at step sizes a CPU runs in seconds
-    "tiny": dict(queries_per_step=8, group_size=4, max_new_tokens=8, prompt_tokens=32, generation_batch_size=16,
+    "tiny": dict(queries_per_step=8, group_size=4, max_new_tokens=8, prompt_lengths=(12, 32), generation_batch_size=16,
                  forward_batch_size=8, micro_batch_size=4, policy_minibatch_size=16, rm_minibatch_groups=4, d_attn=32),
 }
 DEFAULT_RUN = dict(queries_per_step=2048, group_size=4, total_steps=122)  # what the extrapolation scales to
@@ -273,6 +273,7 @@ def smoke(script: str, folder: str, device: str, budget: Budget) -> dict:
 
 
 def step_config(variant: str, size: dict, device: str, output_dir: str):
+    """The measured step's r2m.R2MConfig: the size's settings, the loop's defaults for the rest (as a run has them)."""
     import r2m
 
     keys = set(r2m.R2MConfig.__dataclass_fields__)
@@ -281,12 +282,26 @@ def step_config(variant: str, size: dict, device: str, output_dir: str):
                          sample_every=0, overwrite=True, output_dir=output_dir, seed=0)
 
 
+def step_prompts(size: dict, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """The check's prompts (random tokens, lengths drawn from the size's distribution) -> them, and the lengths of the
+    measured step's (the second step's) prompts, which the memory plan counts that step's work on."""
+    import random
+
+    from launch import configs
+    from plumbing.data import step_prompt_indices
+
+    n = size["queries_per_step"]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, vocab) for _ in range(length)]
+               for length in configs.prompt_lengths(4 * n, *size["prompt_lengths"], seed=0)]
+    return prompts, [len(prompts[i]) for i in step_prompt_indices(len(prompts), n, 1, 0)]
+
+
 def measure(variant: str, size: dict, device: str, config: str, tiny: bool, output_dir: str) -> dict:
     """In a fresh process: build the models from `config` (random weights, on the device), run a warm-up and a
     measured step of `r2m.train`, and report the measured step's phases. The phases are timed and their peak memory
     read around r2m's own functions (patched here only)."""
     import copy
-    import random
     from types import SimpleNamespace
 
     import torch
@@ -354,9 +369,7 @@ def measure(variant: str, size: dict, device: str, config: str, tiny: bool, outp
     r2m.reward_model_update = timed("RM update (GREBT)", r2m.reward_model_update)
 
     cfg = step_config(variant, size, device, output_dir)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(1, model_config.vocab_size) for _ in range(size["prompt_tokens"])]
-               for _ in range(4 * size["queries_per_step"])]
+    prompts, _ = step_prompts(size, model_config.vocab_size)
     # pad 0; an EOS id outside the vocabulary is never sampled, so every response has max_new_tokens tokens
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=model_config.vocab_size + 1, decode=lambda *a, **k: "")
     params = sum(p.numel() for p in policy.parameters()) - policy.get_input_embeddings().weight.numel()
@@ -373,14 +386,18 @@ def measure(variant: str, size: dict, device: str, config: str, tiny: bool, outp
 
 def start_plan(variant: str, size: dict, config: str, folder: str) -> tuple[subprocess.Popen, str]:
     """The memory plan's prediction for the same flags (as on a GPU), computed on the CPU by its own command while
-    the device measures -> (the running process, the JSON file it writes)."""
-    out = os.path.join(folder, f"plan_{variant}.json")
-    flags = {k: size[k] for k in ("queries_per_step", "group_size", "max_new_tokens", "generation_batch_size",
-                                  "forward_batch_size", "micro_batch_size", "policy_minibatch_size", "rm_minibatch_groups",
-                                  "d_attn")}
-    flags.update(max_prompt_tokens=size["prompt_tokens"], reward=variant, policy_config=config, reward_config=config,
-                 total_trajectories=2 * size["queries_per_step"] * size["group_size"],
-                 output_dir=os.path.join(folder, f"plan_{variant}"), json_out=out)
+    the device measures: memory for the longest prompts, the measured step's work on its own prompts' lengths ->
+    (the running process, the JSON file it writes)."""
+    out, lengths = os.path.join(folder, f"plan_{variant}.json"), os.path.join(folder, "step_prompt_lengths.json")
+    with open(lengths, "w") as f:
+        json.dump(step_prompts(size, vocab=2)[1], f)
+    cfg = step_config(variant, size, "cpu", os.path.join(folder, f"plan_{variant}"))
+    flags = {k: getattr(cfg, k) for k in ("queries_per_step", "group_size", "max_new_tokens", "generation_batch_size",
+                                          "forward_batch_size", "micro_batch_size", "checkpoint_layers",
+                                          "policy_minibatch_size", "rm_minibatch_groups", "d_attn", "total_trajectories",
+                                          "reward", "output_dir")}
+    flags.update(max_prompt_tokens=size["prompt_lengths"][1], prompt_lengths=lengths, policy_config=config,
+                 reward_config=config, json_out=out)
     command = [sys.executable, os.path.join(ROOT, "benchmarks", "memory_plan.py"),
                *[a for k, v in flags.items() for a in (f"--{k}", str(v))]]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
@@ -400,7 +417,8 @@ def finish_plan(process: subprocess.Popen, out: str, budget: Budget) -> dict:
     with open(out) as f:
         plan = json.load(f)
     peaks = {name: max(plan["peaks"]["2"][p] for p in phases) for name, phases in PLAN_PHASES.items()}
-    return {"peaks": peaks, "host": plan["host"], "verdict": plan["verdict"]}
+    return {"peaks": peaks, "host": plan["host"], "verdict": plan["verdict"], "cost": plan["cost"],
+            "constants": plan["constants"]}
 
 
 def matmul_flops(device: str) -> float:
@@ -429,7 +447,8 @@ def summarise(measured: dict, size: dict, flops: float, device_name: str) -> dic
         if "error" in m:
             out[variant] = {"error": m["error"]}
             continue
-        tokens = N * (size["prompt_tokens"] + m["response_length"])
+        prompt_lengths = step_prompts(size, vocab=2)[1]
+        tokens = N * (sum(prompt_lengths) / len(prompt_lengths) + m["response_length"])
         policy = m["phases"].get("policy update", {}).get("seconds") or math.nan
         multiplier = 8 if m["gradient_checkpointing"] else 6  # forward + backward, + a recomputed forward
         useful = 2 * 6 * m["policy_params"] * tokens  # 2 epochs x 6·params FLOPs per token
@@ -472,9 +491,12 @@ def table(report: dict) -> str:
                          f"save, resumed): {'ok' if s['ok'] else 'FAILED: ' + s['error']}, steps {s.get('steps')}, "
                          f"{s.get('seconds', 0):.0f} s")
     size = report["size"]
-    lines += ["", f"One step of {size['queries_per_step']} prompts x {size['group_size']} (prompts {size['prompt_tokens']} + "
-              f"{size['max_new_tokens']} new tokens; generation {size['generation_batch_size']}, forward "
-              f"{size['forward_batch_size']}, micro {size['micro_batch_size']}), the second of a fresh process:", "",
+    cfg = step_config("r2m", size, "cpu", "unused")
+    low, high = size["prompt_lengths"]
+    lines += ["", f"One step of {size['queries_per_step']} prompts x {size['group_size']} (prompts of {low}-{high} tokens + "
+              f"{size['max_new_tokens']} new tokens; generation {cfg.generation_batch_size}, forward "
+              f"{cfg.forward_batch_size}, micro {cfg.micro_batch_size}, {cfg.checkpoint_layers} checkpointed layers), the "
+              "second of a fresh process:", "",
               "| phase | vanilla s | vanilla GiB allocated / reserved | plan GiB | R2M s | R2M GiB allocated / reserved | plan GiB |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     measured, plans = report["measured"], report["plan"]
@@ -503,11 +525,29 @@ def table(report: dict) -> str:
         memory = f", peak memory allocated {ratio['peak_allocated']:.2f}x, reserved {ratio['peak_reserved']:.2f}x" \
             if ratio["peak_allocated"] else ""
         lines.append(f"- R2M / vanilla: step time {ratio['step_time']:.2f}x{memory}")
+    lines += against_the_plan(measured.get("r2m", {}), plans.get("r2m", {}))
     host = plans.get("r2m", {}).get("host")
     if host:
         lines.append(f"- host memory (plan, this step size): models {host['models'] / GiB:.1f} GiB before they move to the "
                      f"device, hidden states {host['hidden'] / GiB:.2f} GiB pinned")
     return "\n".join(lines)
+
+
+def against_the_plan(measured: dict, plan: dict) -> list[str]:
+    """How far the memory plan's two constants (forward/backward FLOP/s, seconds per decode step) were off, from
+    R2M's measured step and the plan's count of the same step's work."""
+    cost, phases = plan.get("cost"), measured.get("phases")
+    if not cost or not phases:
+        return []
+    rates = [f"{phase} {cost['flops'][phase] / phases[phase]['seconds'] / 1e12:.0f}"
+             for phase in ("old/ref log-probs", "RM annotation", "policy update") if phases.get(phase, {}).get("seconds")]
+    flops_per_second, decode = plan["constants"]["flops_per_second"], plan["constants"]["decode_step_seconds"]
+    generation = phases.get("generation", {}).get("seconds", 0.0)
+    decode_ms = (generation - cost["flops"]["generation"] / flops_per_second) / max(1, cost["decode_steps"]) * 1e3
+    return [f"- against the plan's constants (R2M): forward/backward work at {', '.join(rates)} TFLOP/s (assumed: "
+            f"{flops_per_second / 1e12:.0f}); decoding at {decode_ms:.0f} ms a step of a generation batch (assumed: "
+            f"{decode * 1e3:.0f}); the step {measured['step_seconds']:.1f} s against {cost['step_seconds']:.1f} s "
+            f"predicted ({measured['step_seconds'] / cost['step_seconds']:.2f}x)"]
 
 
 def main(argv=None) -> dict:

@@ -74,7 +74,7 @@ if not hasattr(GenerationMixin, "_has_unfinished_sequences"):
 import baselines  # noqa: E402
 import brme  # noqa: E402
 import r2m  # noqa: E402
-from launch import flags, runner  # noqa: E402
+from launch import configs, flags, runner  # noqa: E402
 from plumbing import data, devices, distributed  # noqa: E402
 
 GiB = 2**30
@@ -91,24 +91,37 @@ KNOWN_CONFIGS = {
 PHASES = ["generation", "old/ref log-probs", "RM annotation", "policy forward/backward", "policy AdamW step",
           "RM update (GREBT)"]
 BEFORE_RL = "RM fine-tuning (Pretrained RM, before RL)"  # step 0: the one phase before the first step
-# Which batch size sets which phases' peaks (for --fit).
-BATCH_FLAGS = {
+# What --fit searches: which phases' peaks each flag sets. The first three: the largest value that fits; the
+# checkpointed layers: the fewest (searched after the micro-batch, which sets the same phase).
+FIT_FLAGS = {
     "generation_batch_size": ["generation"],
     "forward_batch_size": ["old/ref log-probs", "RM annotation"],
     "micro_batch_size": ["policy forward/backward", "policy AdamW step"],
+    "checkpoint_layers": ["policy forward/backward"],
 }
+# Choice: generation batches of at most 128 rows: wider, decoding is no longer bound by per-step overheads, and the
+# plan's time per decode step (DECODE_STEP_SECONDS) is for batches up to this size.
+GENERATION_CAP = 128
 
 
 @dataclass
 class PlanArgs:
     script: str = field(default="tldr", metadata={"help": "Which training script's flags and presets: 'tldr' or 'ultrafeedback'."})
     gpu_memory_gib: float = field(default=80.0, metadata={"help": "Memory of the GPU to plan for, GiB."})
-    fit: bool = field(default=False, metadata={"help": "Search the largest generation / forward / micro batch sizes that fit."})
+    fit: bool = field(default=False, metadata={
+        "help": "Search the largest generation (<= 128) / forward / micro batch sizes, and the fewest checkpointed policy "
+                "layers, that keep --fit_reserve_gib free (--fit_flags says which)."})
+    fit_flags: str = field(default=",".join(FIT_FLAGS), metadata={
+        "help": "Comma-separated flags --fit searches, among " + ", ".join(FIT_FLAGS) + "; the others stay as given."})
     fit_reserve_gib: float = field(
         default=10.0, metadata={"help": "--fit keeps this much of the GPU free for what the plan cannot see."}
     )
     policy_config: Optional[str] = field(default=None, metadata={"help": "config.json of the policy (default: by model name)."})
     reward_config: Optional[str] = field(default=None, metadata={"help": "config.json of the RM (default: by model name)."})
+    prompt_lengths: str = field(default=f"{configs.TLDR_PROMPT_LENGTHS[0]}:{configs.TLDR_PROMPT_LENGTHS[1]}", metadata={
+        "help": "Prompt lengths the step's work is counted on: LOW:HIGH (uniform; the default matches TL;DR's mean and "
+                "maximum under the Pythia tokenizer) or a JSON file holding a list of lengths. Memory is planned for "
+                "the longest prompts (--max_prompt_tokens) whatever this says."})
     json_out: Optional[str] = field(default=None, metadata={
         "help": "Also write the plan to this JSON file: each phase's peak (bytes) at steps 1 and 2, host memory, the verdict."})
 
@@ -233,6 +246,7 @@ class Recorder:
         self.skip_peak_of_next_forward = False
         self.decode_steps_left = 0
         self.models_host_bytes = 0  # the three models in host memory, before they move to the GPU
+        self.row_lengths: list[int] = []  # positions of h per row of the last rollout
 
     def snapshot(self, name: str) -> None:
         params = [p for m in self.models for p in m.parameters()]
@@ -266,6 +280,7 @@ def gpu_standins(counter: LiveBytes, rec: Recorder):
     original["pretrain_reward_model"] = baselines.pretrain_reward_model
     original["prepare_models"] = devices.prepare_models
     allocate, place = devices.HostRows._allocate, distributed.place_models
+    for_policy, scatter = devices.HostRows.for_policy, devices.HostRows.scatter
 
     def prepare_models(policy, ref_policy, reward_model, rt, **kwargs):
         rec.models[:] = [policy, ref_policy, reward_model]
@@ -284,11 +299,25 @@ def gpu_standins(counter: LiveBytes, rec: Recorder):
         counter.mark_host(chunk, reserved=devices.pinned_bytes(chunk.untyped_storage().nbytes()))
         return chunk
 
-    def rollout(*args, **kwargs):
+    def rollout(policy, ref_policy, tokenizer, prompts, prompt_texts, cfg, *args, **kwargs):
         counter.step += 1
         rec.generations_left = 1
+        # every response runs to --max_new_tokens (no EOS), so each row's h has its prompt's length + R - 1 positions
+        rec.row_lengths = [len(p) + cfg.max_new_tokens - 1 for p in prompts for _ in range(cfg.group_size)]
         rec.snapshot("generation")  # before r2m swaps in the bf16 generation weights
-        return rec.phase("old/ref log-probs", original["rollout"])(*args, **kwargs)
+        return rec.phase("old/ref log-probs", original["rollout"])(policy, ref_policy, tokenizer, prompts, prompt_texts,
+                                                                   cfg, *args, **kwargs)
+
+    def host_rows_for_policy(lengths, policy, rt):
+        # A fake tensor has no values to count lengths from: a rollout's rows have the lengths recorded above
+        return for_policy.__func__(devices.HostRows, rec.row_lengths if len(lengths) == len(rec.row_lengths)
+                                   else lengths, policy, rt)
+
+    def host_rows_scatter(self, index, values, mask):
+        # Fake tensors have no values to find a row's positions by: what the GPU holds meanwhile is the converted batch
+        if isinstance(values, FakeTensor):
+            return values.to(self.dtype)
+        return scatter(self, index, values, mask)
 
     def policy_update(policy, optimizer, ro, advantages, cfg, rt):
         # Two micro-batches per epoch (one accumulation), as views of the rollout: the peak is the same for any
@@ -335,8 +364,15 @@ def gpu_standins(counter: LiveBytes, rec: Recorder):
             stack.enter_context(patched(r2m, name, value))
         stack.enter_context(patched(baselines, "pretrain_reward_model", rec.phase(BEFORE_RL, original["pretrain_reward_model"])))
         stack.enter_context(patched(devices, "prepare_models", prepare_models))
+        # flags whose default is "on for CUDA" (--gradient_checkpointing, with --checkpoint_layers) default as on a GPU
+        stack.enter_context(patched(devices, "on_for_cuda", lambda flag, device: True if flag is None else bool(flag)))
         stack.enter_context(patched(distributed, "place_models", place_models))
         stack.enter_context(patched(devices.HostRows, "_allocate", allocate_host_rows))
+        stack.enter_context(patched(devices.HostRows, "for_policy", staticmethod(host_rows_for_policy)))
+        stack.enter_context(patched(devices.HostRows, "scatter", host_rows_scatter))
+        # A batch is cut to its longest row by reading its mask's values, which fake tensors lack: the plan runs every
+        # batch at the step's full width (its prompts are the longest the script keeps: the worst case anyway)
+        stack.enter_context(patched(r2m, "window", lambda mask: slice(0, mask.shape[1])))
         stack.enter_context(patched(torch.optim, "AdamW", AdamW))
         stack.enter_context(patched(GenerationMixin, "_has_unfinished_sequences", has_unfinished))
         yield
@@ -421,9 +457,7 @@ def plan_config(cfg: r2m.R2MConfig, output_dir: str) -> tuple[r2m.R2MConfig, int
     sim = dataclasses.replace(
         cfg, queries_per_step=N // K, total_trajectories=2 * N, policy_minibatch_size=rows, save_every=0,
         sample_every=0, resume=False, output_dir=output_dir, missing_eos_penalty=None, device="cpu",
-        # as on a GPU, where both default to on
-        bf16=True if cfg.bf16 is None else cfg.bf16,
-        gradient_checkpointing=True if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
+        bf16=True if cfg.bf16 is None else cfg.bf16,  # as on a GPU (and --gradient_checkpointing: gpu_standins)
         pretrain_rm_epochs=1,
     )
     return sim, rows
@@ -483,7 +517,8 @@ def simulate(cfg: r2m.R2MConfig, build_models, prompt_tokens: int, fake: bool = 
         stack.close()
         return dict(peaks=dict(counter.peaks), held=rec.held, kv_cache_bytes=rec.kv_cache_bytes,
                     kv_cache_dtype=rec.kv_cache_dtype, rows=sim.trajectories_per_step, host_peak=counter.host_peak,
-                    models_host_bytes=rec.models_host_bytes, d_policy=policy.get_output_embeddings().in_features)
+                    models_host_bytes=rec.models_host_bytes, d_policy=policy.get_output_embeddings().in_features,
+                    row_lengths=rec.row_lengths)
 
 
 @contextlib.contextmanager
@@ -520,6 +555,173 @@ def config_builder(policy_json: str, reward_json: str, bf16: bool):
 
 
 # ----------------------------------------------------------------------------------------------------
+# What a step costs: its FLOPs per phase and its padding, counted for every batch, and the time they predict
+# ----------------------------------------------------------------------------------------------------
+
+# The two constants every prediction uses (assumptions, stated once; the GPU check measures both on a real H100):
+H100_FLOPS = 400e12  # forward / backward work: 40 % of the H100's 989 TFLOP/s dense bf16 peak
+DECODE_STEP_SECONDS = 0.030  # one decoding step of a generation batch of at most 128 rows
+COST_PHASES = ["generation", "old/ref log-probs", "RM annotation", "policy update", "RM update (GREBT)"]
+
+
+def count_flops(fn) -> int:
+    """FLOPs of fn(), as PyTorch's FLOP counter counts them (matrix products; on a CPU it leaves out the attention
+    scores' S² term, a few percent at 512 tokens)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@dataclass
+class Rates:
+    """FLOPs per token (or per logit position, per position of h) of each piece of a step, counted on the fake
+    full-size models: a transformer's matrix products grow linearly in its tokens, so one shape gives the rate, and a
+    second checks it."""
+
+    policy: float  # the policy's backbone, forward, per token
+    policy_backward: float  # its backward, per token
+    head: float  # the LM head, forward, per position that computes logits
+    head_backward: float
+    rm: float  # the RM's body, forward, per token
+    feedback: float  # the cross-attention over h, forward + backward, per position of h (R2M's GREBT step)
+    policy_layers: int  # the policy's decoder layers (what --checkpoint_layers counts)
+
+
+def flop_rates(build_models, d_attn: int) -> Rates:
+    """Count each piece at (1, 64) and (2, 32) tokens on the fake models (they must agree), and the cross-attention
+    at 64 and 32 positions (the difference: its rate per position)."""
+    with FakeTensorMode(allow_non_fake_inputs=True), patched(torch.nn.Module, "_apply", _apply_by_set_data):
+        policy, _, rm, _ = build_models()
+        backbone, head = policy.get_decoder(), policy.get_output_embeddings()
+
+        def forward(fn) -> int:
+            with torch.no_grad():
+                return count_flops(fn)
+
+        def backward(fn) -> int:
+            out = fn()
+            out = getattr(out, "last_hidden_state", out)
+            return count_flops(lambda: out.float().sum().backward())
+
+        rates = []
+        for b, S in ((1, 64), (2, 32)):
+            ids, states = torch.zeros(b, S, dtype=torch.long), torch.zeros(b, S, head.in_features, requires_grad=True)
+            counts = [forward(lambda: backbone(input_ids=ids)), backward(lambda: backbone(input_ids=ids)),
+                      forward(lambda: head(states)), backward(lambda: head(states)), forward(lambda: rm.base_model(ids))]
+            rates.append([c / (b * S) for c in counts])
+        assert rates[0] == rates[1], f"the FLOP counter's counts are not linear in tokens: {rates}"
+        attention = r2m.PolicyFeedbackAttention(rm.score.in_features, head.in_features, d_attn)
+        h_last = torch.zeros(1, rm.score.in_features)
+
+        def feedback(positions: int) -> int:  # forward and backward of the cross-attention over one row's h
+            h, mask = torch.zeros(1, positions, head.in_features), torch.ones(1, positions, dtype=torch.bool)
+            return forward(lambda: attention(h_last, h, mask)) + backward(lambda: attention(h_last, h, mask))
+
+        return Rates(*rates[0], feedback=(feedback(64) - feedback(32)) / 32,
+                     policy_layers=policy.config.num_hidden_layers)
+
+
+@dataclass
+class StepCost:
+    """One step's work, per phase: FLOPs, token slots (rows x columns of every forward batch) and real tokens among
+    them, and decoding steps; `seconds` predicts its time on one H100 from the two constants above."""
+
+    flops: dict = field(default_factory=lambda: {p: 0.0 for p in COST_PHASES})
+    slots: dict = field(default_factory=lambda: {p: 0 for p in COST_PHASES})
+    real: dict = field(default_factory=lambda: {p: 0 for p in COST_PHASES})
+    decode_steps: int = 0
+
+    def add(self, phase: str, flops: float, slots: int = 0, real: int = 0) -> None:
+        self.flops[phase] += flops
+        self.slots[phase] += slots
+        self.real[phase] += real
+
+    def seconds(self, phase: str) -> float:
+        return self.flops[phase] / H100_FLOPS + (self.decode_steps * DECODE_STEP_SECONDS if phase == "generation" else 0)
+
+    @property
+    def padding(self) -> float:
+        """The share of the step's token slots that are padding, over every forward batch of every phase."""
+        slots = sum(self.slots.values())
+        return 1 - sum(self.real.values()) / slots if slots else 0.0
+
+    @property
+    def step_seconds(self) -> float:
+        return sum(self.seconds(p) for p in COST_PHASES)
+
+
+def step_cost(cfg: r2m.R2MConfig, lengths: list[int], rates: Rates, padded: bool = False, seed: int = 0) -> StepCost:
+    """Every batch of one step of `cfg` on prompts of `lengths` (n of them), with responses of --max_new_tokens (no
+    EOS: the longest a step can be), batched as r2m.py batches them: the step's groups longest prompt first, each
+    generation / forward batch cut to its own longest row, the policy update's minibatches drawn at random and sorted
+    before they are split into micro-batches, each cut to its own longest row, the LM head on the R + 1 last positions,
+    --checkpoint_layers of the policy's layers recomputed (as on a GPU). padded=True counts the batching before this:
+    every batch at the step's longest row, logits at every position, every layer recomputed."""
+    K, R, mode = cfg.group_size, cfg.max_new_tokens, r2m.REWARD_MODES[cfg.reward]
+    rows = [p for p in lengths for _ in range(K)]  # the step's N prompts' lengths, group by group
+    if not padded:
+        rows.sort(reverse=True)  # r2m.train: longest prompt first
+    widest, cost = max(rows), StepCost()
+
+    def width(batch: list[int]) -> int:  # the batch's columns of prompt
+        return widest if padded else max(batch)
+
+    def batches(items: list[int], size: int):
+        return [items[i : i + size] for i in range(0, len(items), size)]
+
+    for batch in batches(rows, cfg.generation_batch_size):  # prefill (logits at its last position), then R decoding steps
+        b, S = len(batch), width(batch)
+        cost.add("generation", b * S * rates.policy + b * rates.head, b * S, sum(batch))
+        cost.decode_steps += R
+    for batch in batches(rows, cfg.forward_batch_size):  # the policy and the reference on the same batches; the RM
+        b, S = len(batch), width(batch) + R
+        head = b * (S if padded else R + 1)
+        cost.add("old/ref log-probs", 2 * (b * S * rates.policy + head * rates.head), 2 * b * S, 2 * sum(batch) + 2 * b * R)
+        cost.add("RM annotation", b * S * rates.rm, b * S, sum(batch) + b * R)
+    layers = cfg.checkpoint_layers if (cfg.gradient_checkpointing is None and cfg.checkpoint_layers >= 0) else None
+    recomputed = 1.0 if padded or layers is None else min(layers, rates.policy_layers) / rates.policy_layers
+    if cfg.gradient_checkpointing is False:
+        recomputed = 0.0
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(cfg.policy_epochs):
+        order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+        for minibatch in batches(order, cfg.policy_minibatch_size):
+            for batch in batches(minibatch if padded else sorted(minibatch, reverse=True), cfg.micro_batch_size):
+                b, S = len(batch), width(batch) + R
+                head = b * (S if padded else R + 1)
+                flops = b * S * (rates.policy * (1 + recomputed) + rates.policy_backward) \
+                    + head * (rates.head + rates.head_backward)
+                cost.add("policy update", flops, b * S, sum(batch) + b * R)
+    if mode.train and mode.sees_policy:  # the cross-attention over each row's h, forward and backward
+        positions = len(rows) * (widest + R - 1) if padded else sum(p + R - 1 for p in rows)
+        cost.add("RM update (GREBT)", positions * rates.feedback)
+    return cost
+
+
+def cost_report(cost: StepCost, before: StepCost, cfg: r2m.R2MConfig, lengths: list[int], label: str) -> list[str]:
+    """The cost table and its lines: the padding, and the predicted step and run."""
+    T = cfg.total_steps
+    lines = ["", f"one step's work ({len(lengths)} prompts x {cfg.group_size}, prompt lengths {label}, mean "
+             f"{sum(lengths) / len(lengths):.1f}; responses of {cfg.max_new_tokens} tokens), predicted on one H100 at "
+             f"{H100_FLOPS / 1e12:.0f} TFLOP/s of forward/backward work and {DECODE_STEP_SECONDS * 1e3:.0f} ms per decode "
+             "step (a prediction):", f"{'phase':<22}{'PFLOP':>9}{'padding':>9}{'seconds':>9}"]
+    for phase in COST_PHASES:
+        pad = 1 - cost.real[phase] / cost.slots[phase] if cost.slots[phase] else 0.0
+        lines.append(f"{phase:<22}{cost.flops[phase] / 1e15:>9.1f}{pad:>9.1%}{cost.seconds(phase):>9.0f}")
+    days = lambda c: c.step_seconds * T / 86400  # noqa: E731
+    lines += [f"{'step':<22}{sum(cost.flops.values()) / 1e15:>9.1f}{cost.padding:>9.1%}{cost.step_seconds:>9.0f}",
+              f"padded batching as before (every batch at the step's longest row, logits at every position, every layer "
+              f"recomputed, generation batch 64): padding {before.padding:.1%}, {sum(before.flops.values()) / 1e15:.1f} "
+              f"PFLOP and {before.step_seconds:.0f} s a step, {days(before):.2f} GPU-days a run",
+              f"padding: {cost.padding:.1%} of the step's tokens",
+              f"predicted run: {days(cost):.2f} GPU-days on one H100 ({T} steps of {cost.step_seconds:.0f} s; "
+              f"{days(cost) / days(before) - 1:+.0%} against padded batching; a prediction)"]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------
 
@@ -537,22 +739,25 @@ def verdict(result: dict, gpu_gib: float) -> tuple[float, str, str]:
     return gib, phase, line
 
 
-def host_plan(result: dict, cfg: r2m.R2MConfig, prompt_tokens: int) -> dict[str, int]:
+def host_plan(result: dict, cfg: r2m.R2MConfig, lengths: list[int]) -> dict[str, int]:
     """Host memory (CPU RAM) of one process, bytes: the models before they move to the GPU (as loaded, in the run's
-    dtypes), and a full step's hidden states in pinned memory (`devices.HostRows`, chunks as the pinned allocator
-    reserves them; ReMax also keeps its greedy responses'). The step's other CPU tensors (token ids, masks,
+    dtypes), and a full step's hidden states in pinned memory for prompts of `lengths` (n of them) and responses of
+    --max_new_tokens (`devices.HostRows`: each row its real positions, in r2m.train's order, chunks as the pinned
+    allocator reserves them; ReMax also keeps its greedy responses'). The step's other CPU tensors (token ids, masks,
     log-probs) are a few hundred MB at most."""
     mode, algo = r2m.REWARD_MODES[cfg.reward], r2m.ALGOS[cfg.algo]
-    row = (prompt_tokens + cfg.max_new_tokens - 1, result["d_policy"])
     dtype = torch.bfloat16 if cfg.bf16 is not False else torch.float32
-    hidden = devices.HostRows.reserved_bytes(cfg.trajectories_per_step, row, dtype) if mode.sees_policy else 0
-    greedy = devices.HostRows.reserved_bytes(cfg.queries_per_step, row, dtype) \
+    prompts = sorted(lengths, reverse=True)  # r2m.train: longest prompt first
+    rows = [p + cfg.max_new_tokens - 1 for p in prompts for _ in range(cfg.group_size)]
+    hidden = devices.HostRows.reserved_bytes(rows, result["d_policy"], dtype) if mode.sees_policy else 0
+    greedy = devices.HostRows.reserved_bytes([p + cfg.max_new_tokens - 1 for p in prompts], result["d_policy"], dtype) \
         if mode.sees_policy and algo.baseline is not None else 0
     models = result["models_host_bytes"]
     return dict(models=models, hidden=hidden, greedy=greedy, peak=max(models, hidden + greedy))
 
 
-def report(result: dict, cfg: r2m.R2MConfig, gpu_gib: float, header: str, prompt_tokens: int) -> str:
+def report(result: dict, cfg: r2m.R2MConfig, gpu_gib: float, header: str, prompt_tokens: int, lengths: list[int],
+           cost_lines: list[str]) -> str:
     g = lambda b: f"{b / GiB:6.1f}"  # noqa: E731
     lines = [header, "", f"{'phase':<26}{'step 1 peak':>12}{'step 2 peak':>12}   held at its start, step 2 (GiB)"]
     if (0, BEFORE_RL) in result["peaks"]:
@@ -567,11 +772,13 @@ def report(result: dict, cfg: r2m.R2MConfig, gpu_gib: float, header: str, prompt
     lines.append("")
     lines.append(f"KV cache at the last decoding step: {kv / GiB:.1f} GiB ({str(result['kv_cache_dtype']).replace('torch.', '')}, "
                  f"{cfg.generation_batch_size} sequences)")
-    host = host_plan(result, cfg, prompt_tokens)
+    host, worst = host_plan(result, cfg, lengths), host_plan(result, cfg, [prompt_tokens] * cfg.queries_per_step)
     greedy = f" + ReMax's greedy responses {host['greedy'] / GiB:.1f}" if host["greedy"] else ""
     lines.append(f"host memory: models before they move to the GPU {host['models'] / GiB:.1f} GiB; a step's hidden states "
-                 f"{host['hidden'] / GiB:.1f} GiB pinned ({cfg.trajectories_per_step} trajectories){greedy}; "
-                 f"predicted host peak {host['peak'] / GiB:.1f} GiB")
+                 f"{host['hidden'] / GiB:.1f} GiB pinned ({cfg.trajectories_per_step} trajectories at their own lengths; "
+                 f"{worst['hidden'] / GiB:.1f} if every prompt had {prompt_tokens} tokens){greedy}; predicted host peak "
+                 f"{host['peak'] / GiB:.1f} GiB")
+    lines += cost_lines
     lines.append(verdict(result, gpu_gib)[2])
     return "\n".join(lines)
 
@@ -581,45 +788,59 @@ def report(result: dict, cfg: r2m.R2MConfig, gpu_gib: float, header: str, prompt
 # ----------------------------------------------------------------------------------------------------
 
 
-def fit(cfg: r2m.R2MConfig, run, budget_gib: float, log=print) -> tuple[r2m.R2MConfig, dict]:
-    """Largest generation / forward / micro batch sizes (doubling or halving from the current ones) whose phases
-    peak within budget_gib. The three set different phases, so one simulation per round tests all three."""
-    limits = {
-        "generation_batch_size": cfg.trajectories_per_step,
-        "forward_batch_size": cfg.trajectories_per_step,
-        "micro_batch_size": cfg.policy_minibatch_size,
-    }
-    value = {k: getattr(cfg, k) for k in BATCH_FLAGS}
-    good: dict[str, Optional[int]] = {k: None for k in BATCH_FLAGS}
-    bad: dict[str, Optional[int]] = {k: None for k in BATCH_FLAGS}
-    while True:
-        trial = dataclasses.replace(cfg, **value)
-        result = run(trial)
-        peaks = step_peaks(result, 2)
-        log("  tried " + ", ".join(f"{k} {v}" for k, v in value.items()) + " -> "
-            + ", ".join(f"{p} {peaks[p] / GiB:.1f}" for p in PHASES) + " GiB")
-        settled = True
-        for k, phases in BATCH_FLAGS.items():
-            fits = max(peaks[p] for p in phases) <= budget_gib * GiB
-            if fits:
-                good[k] = max(good[k] or 0, value[k])
-            else:
-                bad[k] = min(bad[k] or value[k], value[k])
-            if good[k] is not None and (bad[k] is not None or good[k] >= limits[k]):
-                value[k] = good[k]  # found: the largest tried that fits, below one that does not
-                continue
-            if good[k] is None and value[k] == 1:
-                raise SystemExit(f"error: even {k} 1 does not fit {budget_gib:.1f} GiB: the weights and optimiser "
-                                 "state alone are too large (see the table)")
-            settled = False
-            nxt = value[k] * 2 if fits else max(1, value[k] // 2)
-            if k == "micro_batch_size":
-                while cfg.policy_minibatch_size % nxt:
-                    nxt -= 1
-            value[k] = min(nxt, limits[k])
-        if settled:
-            chosen = dataclasses.replace(cfg, **value)
-            return chosen, result if all(getattr(trial, k) == v for k, v in value.items()) else run(chosen)
+def fit_candidates(flag: str, cfg: r2m.R2MConfig, layers: int) -> list[int]:
+    """The values --fit tries for a flag, ordered so that later ones need more memory of their phase: batch sizes
+    1, 2, 4, then multiples of 8 (micro-batches: the divisors of the minibatch); layers: all of them down to none."""
+    if flag == "checkpoint_layers":
+        return list(range(layers, -1, -1))
+    if flag == "micro_batch_size":
+        return [m for m in range(1, cfg.policy_minibatch_size + 1) if cfg.policy_minibatch_size % m == 0]
+    top = min(cfg.trajectories_per_step, GENERATION_CAP if flag == "generation_batch_size" else cfg.trajectories_per_step)
+    return sorted({v for v in (1, 2, 4, *range(8, top + 1, 8), top) if v <= top})
+
+
+def fit(cfg: r2m.R2MConfig, run, budget_gib: float, flags=tuple(FIT_FLAGS), layers: int = 0,
+        log=print) -> tuple[r2m.R2MConfig, dict]:
+    """For each flag of `flags`, the last of its candidates whose phases peak within budget_gib: a bisection from the
+    current value (doubling outwards until it is bracketed). Flags that set different phases share each round's one
+    simulation; the checkpointed layers are searched after the micro-batch, which sets the same phase. layers: the
+    policy's decoder layers."""
+    stages = [[f for f in flags if f != "checkpoint_layers"], [f for f in flags if f == "checkpoint_layers"]]
+    result = None
+    for stage in (s for s in stages if s):
+        options = {k: fit_candidates(k, cfg, layers) for k in stage}
+        current = {k: getattr(cfg, k) if k != "checkpoint_layers" or cfg.checkpoint_layers >= 0 else layers for k in stage}
+        index = {k: min(range(len(options[k])), key=lambda i: abs(options[k][i] - current[k])) for k in stage}
+        good: dict[str, Optional[int]] = {k: None for k in stage}  # the highest index known to fit
+        bad: dict[str, Optional[int]] = {k: None for k in stage}  # the lowest index known not to
+        while True:
+            cfg = dataclasses.replace(cfg, **{k: options[k][index[k]] for k in stage})
+            result = run(cfg)
+            peaks = step_peaks(result, 2)
+            log("  tried " + ", ".join(f"{k} {getattr(cfg, k)}" for k in stage) + " -> "
+                + ", ".join(f"{p} {peaks[p] / GiB:.1f}" for p in PHASES) + " GiB")
+            settled = True
+            for k in stage:
+                if max(peaks[p] for p in FIT_FLAGS[k]) <= budget_gib * GiB:
+                    good[k] = max(index[k], good[k] if good[k] is not None else -1)
+                else:
+                    bad[k] = min(index[k], bad[k] if bad[k] is not None else len(options[k]))
+                if good[k] is None and bad[k] == 0:
+                    raise SystemExit(f"error: even --{k} {options[k][0]} does not fit {budget_gib:.1f} GiB: the weights "
+                                     "and optimiser state alone are too large (see the table)")
+                top = bad[k] if bad[k] is not None else len(options[k])
+                if good[k] is not None and good[k] + 1 >= top:
+                    settled &= index[k] == good[k]
+                    index[k] = good[k]  # found: the last that fits, next to one that does not (or the last)
+                elif good[k] is None:
+                    index[k] = bad[k] // 2  # halve
+                    settled = False
+                else:
+                    index[k] = (good[k] + top) // 2 if bad[k] is not None else min(len(options[k]) - 1, 2 * good[k] + 1)
+                    settled = False
+            if settled:
+                break
+    return cfg, result
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -684,21 +905,52 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"simulating two steps of r2m.train on fake tensors ({os.path.basename(policy_json)} policy) ...", flush=True)
     if plan.fit:
         budget = plan.gpu_memory_gib - plan.fit_reserve_gib
-        print(f"--fit: largest batch sizes whose phases peak within {budget:.1f} GiB "
+        flags_searched = [f.strip() for f in plan.fit_flags.split(",") if f.strip()]
+        unknown = [f for f in flags_searched if f not in FIT_FLAGS]
+        if unknown:
+            raise SystemExit(f"error: --fit_flags: {unknown} are not among {list(FIT_FLAGS)}")
+        print(f"--fit: {', '.join(flags_searched)} whose phases peak within {budget:.1f} GiB "
               f"({plan.gpu_memory_gib:.1f} - {plan.fit_reserve_gib:.1f} reserve)", flush=True)
-        cfg, result = fit(cfg, run, budget)
-        header = header.split("\n")[0] + f"\n--fit chose: --generation_batch_size {cfg.generation_batch_size} " \
-            f"--forward_batch_size {cfg.forward_batch_size} --micro_batch_size {cfg.micro_batch_size}"
+        with FakeTensorMode(allow_non_fake_inputs=True), patched(torch.nn.Module, "_apply", _apply_by_set_data):
+            layers = build()[0].config.num_hidden_layers
+        cfg, result = fit(cfg, run, budget, flags_searched, layers)
+        header = header.split("\n")[0] + "\n--fit chose: " + " ".join(f"--{f} {getattr(cfg, f)}" for f in flags_searched)
     else:
         result = run(cfg)
-    print(report(result, cfg, plan.gpu_memory_gib, header, prompt_tokens))
+    lengths, label = read_prompt_lengths(plan.prompt_lengths, cfg.queries_per_step, prompt_tokens, cfg.seed)
+    rates = flop_rates(build, cfg.d_attn)
+    cost = step_cost(cfg, lengths, rates, seed=cfg.seed)
+    before = step_cost(dataclasses.replace(cfg, generation_batch_size=64), lengths, rates, padded=True, seed=cfg.seed)
+    print(report(result, cfg, plan.gpu_memory_gib, header, prompt_tokens, lengths,
+                 cost_report(cost, before, cfg, lengths, label)))
     if plan.json_out:
+        summary = lambda c: {"flops": c.flops, "seconds": {p: c.seconds(p) for p in COST_PHASES},  # noqa: E731
+                             "padding": c.padding, "decode_steps": c.decode_steps, "step_seconds": c.step_seconds,
+                             "run_days": c.step_seconds * cfg.total_steps / 86400}
         with open(plan.json_out, "w") as f:
             json.dump({"peaks": {str(step): step_peaks(result, step) for step in (1, 2)},
-                       "before_rl": result["peaks"].get((0, BEFORE_RL)), "host": host_plan(result, cfg, prompt_tokens),
-                       "kv_cache_bytes": result["kv_cache_bytes"], "verdict": verdict(result, plan.gpu_memory_gib)[2]},
+                       "before_rl": result["peaks"].get((0, BEFORE_RL)), "host": host_plan(result, cfg, lengths),
+                       "kv_cache_bytes": result["kv_cache_bytes"], "verdict": verdict(result, plan.gpu_memory_gib)[2],
+                       "cost": summary(cost), "cost_padded": summary(before),
+                       "constants": {"flops_per_second": H100_FLOPS, "decode_step_seconds": DECODE_STEP_SECONDS}},
                       f, indent=1)
     return result
+
+
+def read_prompt_lengths(spec: str, n: int, longest: int, seed: int) -> tuple[list[int], str]:
+    """--prompt_lengths -> n lengths (none above the script's --max_prompt_tokens) and how to name them."""
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            lengths = [min(int(x), longest) for x in json.load(f)]
+        return (lengths * n)[:n] if len(lengths) < n else lengths[:n], f"from {os.path.basename(spec)}"
+    try:
+        low, high = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise SystemExit(f"error: --prompt_lengths must be LOW:HIGH or a JSON file of lengths, got {spec!r}") from None
+    if not 1 <= low <= high:
+        raise SystemExit(f"error: --prompt_lengths {spec}: need 1 <= LOW <= HIGH")
+    high = min(high, longest)
+    return configs.prompt_lengths(n, min(low, high), high, seed), f"uniform on {min(low, high)}-{high}"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Model configs from config files: the one place that turns a `config.json` (the real models' public sizes in
-benchmarks/configs/, or a model folder's) into a transformers config object, whole or cut to a tiny size.
+benchmarks/configs/, or a model folder's) into a transformers config object, whole or cut to a tiny size; and the
+TL;DR prompt lengths that planning and the GPU check draw.
 
 The memory plan builds its models at their real sizes from it; the GPU check builds Pythia-2.8B from it, and its
 rehearsal on a CPU runs the same code with every shipped config cut to a tiny size *after* the real config object
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from typing import Optional
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs")
@@ -79,3 +81,15 @@ def _rotary_fraction(config) -> float:
     """The fraction of each head's dimensions that rotate (GPT-NeoX: 0.25; Llama, Qwen: all)."""
     rope = getattr(config, "rope_parameters", None) or {}
     return rope.get("partial_rotary_factor", getattr(config, "rotary_pct", None) or 1.0)
+
+
+# TL;DR's prompts under the Pythia tokenizer (cleanrl's preprocessing of the OpenAI TL;DR data, its published
+# statistics): mean 346.7 tokens, median 352, max 512. A uniform draw on 181..512 has the same mean and maximum; the
+# memory plan counts a step's work, and the GPU check measures one, on prompts of these lengths.
+TLDR_PROMPT_LENGTHS = (181, 512)
+
+
+def prompt_lengths(n: int, low: int, high: int, seed: int = 0) -> list[int]:
+    """n prompt lengths drawn uniformly from low..high (inclusive), the same for the same seed."""
+    rng = random.Random(seed)
+    return [rng.randint(low, high) for _ in range(n)]

@@ -68,7 +68,12 @@ LOOP_HELP = dict(
     micro_batch_size="Sequences per policy forward/backward.",
     bf16="bf16 frozen models (reference, RM body) and bf16 autocast for what trains, float32 master weights; the same "
          "on CPU and GPU. Default: on for CUDA, off for CPU.",
-    gradient_checkpointing="Recompute the policy's activations in backward. Default: on for CUDA, off for CPU.",
+    gradient_checkpointing="Recompute the policy's activations in backward. Default: on for CUDA (for --checkpoint_layers "
+                           "of its layers), off for CPU; true: every layer, false: none.",
+    checkpoint_layers="With --gradient_checkpointing at its default on CUDA: how many of the policy's decoder layers "
+                      "recompute their activations in backward, the others keeping theirs (-1: all).",
+    cache_weight_casts="With --bf16: the policy update's micro-batches of one optimiser step share one bf16 cast of "
+                       "each float32 weight (a bf16 copy of the policy while they run); false: each casts its own.",
     device="'auto' (cuda if available), 'cuda', or 'cpu'.",
     seed="Seed for prompts order, sampling and init.",
     output_dir="Where metrics.jsonl and checkpoint/ go.",
@@ -269,7 +274,8 @@ class UltraFeedbackArgs(RunOptions):  # + --config, --report_to, --lora_* (RunOp
 # the step size, not the minibatch.
 ULTRAFEEDBACK_PAPER = dict(queries_per_step=64, group_size=8, total_trajectories=51_200, max_new_tokens=512, temperature=0.7,
              policy_epochs=2, policy_lr=1e-6, omega_floor=0.6, rm_lr=1e-6, policy_minibatch_size=128,
-             micro_batch_size=4, forward_batch_size=8, generation_batch_size=64, output_dir="runs/r2m_ultrafeedback")
+             micro_batch_size=4, forward_batch_size=8, generation_batch_size=64, checkpoint_layers=-1,
+             cache_weight_casts=False, output_dir="runs/r2m_ultrafeedback")
 
 ULTRAFEEDBACK_PRESETS = {
     "paper": ULTRAFEEDBACK_PAPER,

@@ -28,8 +28,9 @@ COMPLETE_MARKER = "complete.json"  # {"step", "config"}, written last
 # A resumed run may change these, from its first step on: a new length re-times ω(t) and the lr decay over the
 # new T; new learning rates restart the linear decay from the new peak; the rest is speed and bookkeeping.
 RESUME_MAY_CHANGE = {"total_trajectories", "policy_lr", "rm_lr", "generation_batch_size", "forward_batch_size",
-                     "micro_batch_size", "bf16", "gradient_checkpointing", "device", "save_every", "sample_every",
-                     "max_nonfinite_steps", "output_dir", "resume", "overwrite", "merge_on_save"}
+                     "micro_batch_size", "bf16", "gradient_checkpointing", "checkpoint_layers", "cache_weight_casts",
+                     "device", "save_every", "sample_every", "max_nonfinite_steps", "output_dir", "resume", "overwrite",
+                     "merge_on_save"}
 # BRME's heads and the Pretrained RM's body were fitted with these before RL and come back with the checkpoint.
 # Every other setting must match: it shapes a saved tensor (d_attn, brme_heads), what step t is (queries_per_step,
 # group_size) or the objective.
@@ -194,9 +195,16 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
     """Restore the newest complete checkpoint; returns the next step to run. A save that a crash interrupted is
     finished first (the newest complete folder becomes checkpoint/), so the next save starts from a clean layout.
     fitted_before_rl: what the run's reward mode fitted before RL, if anything (for the notes, see resume_notes)."""
-    path, final = find_checkpoint(output_dir), os.path.join(output_dir, CHECKPOINT_DIR)
-    if path != final:  # --- distributed: rank 0 repairs the layout; the others wait, then read the repaired one ---
-        distributed.on_main_process(lambda: _repair(path, final), TrainingError)
+    final = os.path.join(output_dir, CHECKPOINT_DIR)
+
+    def repair() -> None:
+        path = find_checkpoint(output_dir)
+        if path != final:
+            _repair(path, final)
+
+    # --- distributed: rank 0 alone looks and repairs (a rank looking after it would find the layout repaired and
+    # skip the collective rank 0 waits in); the others wait, then read the repaired one ---
+    distributed.on_main_process(repair, TrainingError)
     distributed.barrier()
     for note in resume_notes(_marker(final)["config"], cfg, fitted_before_rl):
         distributed.print0(f"note: {note}")

@@ -41,6 +41,8 @@ class Runtime:
     device: torch.device
     autocast_dtype: Optional[torch.dtype]  # bf16 with --bf16 (the default on CUDA), else None: float32 throughout
     gradient_checkpointing: bool = False  # recompute the policy's activations in backward (default on CUDA)
+    checkpoint_layers: Optional[int] = None  # with it, how many of the policy's decoder layers (None: all)
+    cache_casts: bool = False  # the policy update's micro-batches share one bf16 cast of each weight (`cached_casts`)
 
     @property
     def frozen_dtype(self) -> torch.dtype:
@@ -57,23 +59,42 @@ class Runtime:
         """Host memory the GPU copies from and to is page-locked, so those copies are asynchronous."""
         return self.device.type == "cuda"
 
-    def autocast(self):
+    def autocast(self, cache: bool = False):
+        """bf16 autocast with --bf16 (else nothing).
+        Choice: no autocast weight cache, unless `cache`. With it, a region keeps a bf16 copy of every float32 weight
+        it used until it ends (5.8 GiB for a 3B policy); without it each weight is cast when used and the copy freed
+        with its layer. The policy update caches across a minibatch's micro-batches (`cached_casts`): its weights
+        do not change within one, so each is cast once per optimiser step instead of once per micro-batch."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        # Choice: no autocast weight cache. With it, every forward keeps a bf16 copy of all the policy's float32
-        # weights until the autocast region ends (5.8 GiB for a 3B policy, 15 GiB for an 8B one); without it each
-        # weight is cast when used and the copy freed with its layer (gradient checkpointing recasts in backward).
-        # Same numbers; casting costs a read of the weights per forward, small beside the matmuls.
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache)
+
+    def cached_casts(self):
+        """The autocast region of one optimiser step's micro-batches: their forwards run in it and their backwards in
+        `no_autocast`. With --cache_weight_casts they share one bf16 cast of each float32 weight (autocast's cache lives
+        until the outermost region ends, a bf16 copy of the policy meanwhile); without, each casts its own."""
+        return self.autocast(cache=self.cache_casts)
+
+    def no_autocast(self):
+        """Inside `cached_casts`: autocast off (for a backward), the weight cache kept."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
 
 
 def make_runtime(cfg) -> Runtime:
     """cfg: anything with `device`, `bf16` and `gradient_checkpointing` (an `r2m.R2MConfig`)."""
     device = resolve_device(cfg.device)
+    # --gradient_checkpointing left unset (on for CUDA) recomputes --checkpoint_layers of the policy's layers (0: none);
+    # set true, all of them
+    layers = getattr(cfg, "checkpoint_layers", -1)
+    layers = layers if cfg.gradient_checkpointing is None and layers >= 0 else None
     return Runtime(
         device=device,
         autocast_dtype=torch.bfloat16 if on_for_cuda(cfg.bf16, device) else None,
-        gradient_checkpointing=on_for_cuda(cfg.gradient_checkpointing, device),
+        gradient_checkpointing=on_for_cuda(cfg.gradient_checkpointing, device) and layers != 0,
+        checkpoint_layers=layers,
+        cache_casts=getattr(cfg, "cache_weight_casts", True),
     )
 
 
@@ -114,9 +135,10 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype, only_frozen: bool = Fa
             p.data = p.data.to(dtype)
 
 
-def checkpoint_activations(model: nn.Module, enabled: bool = True) -> None:
+def checkpoint_activations(model: nn.Module, enabled: bool = True, layers: Optional[int] = None) -> None:
     """Recompute a Hugging Face model's layer activations in backward (in train mode), or stop doing so; through
-    transformers' `activation_checkpointing_*` (named `gradient_checkpointing_*` before 5.x)."""
+    transformers' `activation_checkpointing_*` (named `gradient_checkpointing_*` before 5.x). layers: only the first
+    `layers` decoder layers recompute, the others keep their activations (None: all)."""
     new = hasattr(model, "activation_checkpointing_enable")
     if enabled:
         kwargs = {"use_reentrant": False}  # the non-reentrant kind: works with frozen inputs and no_grad parts
@@ -124,6 +146,12 @@ def checkpoint_activations(model: nn.Module, enabled: bool = True) -> None:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if layers is not None:  # each decoder layer checks its own flag
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for i, layer in enumerate(decoder_layers):
+                layer.gradient_checkpointing = i < layers
     else:
         (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
 
@@ -149,7 +177,7 @@ def prepare_models(policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Mo
         if module is not reward_model.reward_model:
             cast_parameters(module, torch.float32)
     if rt.gradient_checkpointing:
-        checkpoint_activations(policy)
+        checkpoint_activations(policy, layers=rt.checkpoint_layers)
         policy.config.use_cache = True  # generation still uses the KV cache (checkpointing only in train mode)
         if any(p.requires_grad for p in reward_model.reward_model.parameters()):  # a body that trains (whole RM)
             checkpoint_activations(reward_model.reward_model.train())
@@ -235,78 +263,101 @@ def pinned_bytes(nbytes: int) -> int:
 
 
 class HostRows:
-    """Rows of one shape (S, D), one per trajectory, in host memory: a step's policy hidden states h.
+    """A step's policy hidden states h, one row per trajectory, each of its own length (its real positions only),
+    (L_i, D) in host memory.
 
-    Choice: where h lives. A TL;DR step holds 8192 trajectories x ~560 positions x 2560 features, ~23.5 GB in bf16,
-    which does not fit on the GPU beside three 2.8B models and the policy's AdamW state, so it stays in host memory
-    and moves to the GPU a micro-batch at a time. On a GPU run the memory is pinned, so both copies (the GPU writing
-    rows after each forward, reading them for each RM and GREBT batch) are asynchronous. It is allocated once per
-    step, in chunks of PINNED_CHUNK_BYTES (whole rows each): the pinned allocator rounds each allocation up to a power
-    of two and keeps it, so one 23.5 GB buffer would reserve 32 GiB, and one piece per forward batch (91.9 MB at 32
-    rows) 128 MiB each; 256 MiB chunks waste less than a row each and are reused by the next step's rollout.
-    Rows are written (`scatter`) and read (`gather`) by index; nothing ever concatenates them into one tensor."""
+    Choice: where h lives. A TL;DR step holds 8192 trajectories x ~400 positions x 2560 features, ~16 GB in bf16, which
+    does not fit on the GPU beside three 2.8B models and the policy's AdamW state, so it stays in host memory and moves
+    to the GPU a batch at a time. A row holds only the positions whose output predicts a real token (no padding), so
+    host memory follows the prompts' real lengths, not the longest one. On a GPU run the memory is pinned, so both
+    copies (the GPU writing rows after each forward, reading them for each RM and GREBT batch) are asynchronous. It is
+    allocated once per step, in chunks of PINNED_CHUNK_BYTES (whole rows each): the pinned allocator rounds each
+    allocation up to a power of two and keeps it, so one 16 GB buffer would reserve 16 GiB, a 17 GB one 32 GiB;
+    256 MiB chunks waste less than a row each and are reused by the next step's rollout. Rows are written (`scatter`) and read
+    (`gather`) by index; nothing ever concatenates them into one tensor."""
 
-    def __init__(self, rows: int, row_shape: Sequence[int], dtype: torch.dtype, pin: bool = False):
-        self.rows, self.row_shape, self.dtype, self.pin = rows, tuple(row_shape), dtype, pin
-        self.rows_per_chunk = self.chunk_rows(row_shape, dtype)
-        self.chunks = [self._allocate(min(self.rows_per_chunk, rows - start))
-                       for start in range(0, rows, self.rows_per_chunk)]
+    def __init__(self, lengths: Sequence[int], width: int, dtype: torch.dtype, pin: bool = False):
+        """lengths: each row's room, in positions (a row written later may fill less of it)."""
+        self.capacity, self.width, self.dtype, self.pin = [int(n) for n in lengths], width, dtype, pin
+        self.lengths = list(self.capacity)  # what each row holds: set by `scatter`
+        sizes, self.place = self.layout(self.capacity, width, dtype)  # chunk sizes; row -> (chunk, first position)
+        self.chunks = [self._allocate(n) for n in sizes]
 
     @staticmethod
-    def chunk_rows(row_shape: Sequence[int], dtype: torch.dtype) -> int:
-        """Whole rows per chunk: as many as PINNED_CHUNK_BYTES holds (at least one)."""
-        row_bytes = max(1, math.prod(row_shape) * torch.empty((), dtype=dtype).element_size())
-        return max(1, PINNED_CHUNK_BYTES // row_bytes)
+    def layout(lengths: Sequence[int], width: int, dtype: torch.dtype) -> tuple[list[int], list[tuple[int, int]]]:
+        """Rows packed in order into chunks of whole rows, up to PINNED_CHUNK_BYTES each (a longer row gets a chunk of
+        its own) -> (positions per chunk, each row's (chunk, first position))."""
+        per_chunk = max(1, PINNED_CHUNK_BYTES // max(1, width * torch.empty((), dtype=dtype).element_size()))
+        sizes, place = [], []
+        for n in lengths:
+            if not sizes or sizes[-1] + n > per_chunk:
+                sizes.append(0)
+            place.append((len(sizes) - 1, sizes[-1]))
+            sizes[-1] += n
+        return sizes, place
 
     @classmethod
-    def reserved_bytes(cls, rows: int, row_shape: Sequence[int], dtype: torch.dtype) -> int:
-        """Host memory that `rows` rows take when pinned: each chunk as the pinned allocator reserves it."""
-        per_chunk = cls.chunk_rows(row_shape, dtype)
-        row_bytes = math.prod(row_shape) * torch.empty((), dtype=dtype).element_size()
-        return sum(pinned_bytes(min(per_chunk, rows - start) * row_bytes) for start in range(0, rows, per_chunk))
+    def reserved_bytes(cls, lengths: Sequence[int], width: int, dtype: torch.dtype) -> int:
+        """Host memory that rows of these lengths take when pinned: each chunk as the pinned allocator reserves it."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(pinned_bytes(n * width * size) for n in cls.layout(lengths, width, dtype)[0])
 
-    def _allocate(self, n: int) -> torch.Tensor:
-        """One chunk of n rows, (n, *row_shape), uninitialised."""
-        return torch.empty((n, *self.row_shape), dtype=self.dtype, pin_memory=self.pin)
-
-    @classmethod
-    def for_policy(cls, rows: int, positions: int, policy: nn.Module, rt: Runtime) -> "HostRows":
-        """Host memory for `rows` trajectories' hidden states, (positions, D_p) each, in the run's hidden dtype."""
-        d_policy = policy.get_output_embeddings().in_features
-        return cls(rows, (positions, d_policy), rt.hidden_dtype, pin=rt.pin_memory)
+    def _allocate(self, positions: int) -> torch.Tensor:
+        """One chunk of `positions` positions, (positions, width), uninitialised."""
+        return torch.empty((positions, self.width), dtype=self.dtype, pin_memory=self.pin)
 
     @classmethod
-    def from_tensor(cls, x: torch.Tensor, pin: bool = False) -> "HostRows":
-        """(N, *row_shape) -> the same rows as a HostRows (tests, and small one-off uses)."""
-        store = cls(x.shape[0], x.shape[1:], x.dtype, pin)
-        store.scatter(torch.arange(x.shape[0]), x)
+    def for_policy(cls, lengths: Sequence[int], policy: nn.Module, rt: Runtime) -> "HostRows":
+        """Host memory for trajectories whose rows have `lengths` positions of D_p features, in the run's hidden dtype."""
+        return cls(lengths, policy.get_output_embeddings().in_features, rt.hidden_dtype, pin=rt.pin_memory)
+
+    @classmethod
+    def from_tensor(cls, x: torch.Tensor, mask: Optional[torch.Tensor] = None, pin: bool = False) -> "HostRows":
+        """(N, S, D) and which positions are real (N, S) (default: all) -> the same rows as a HostRows (tests, and
+        small one-off uses)."""
+        mask = torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+        store = cls(mask.sum(1).tolist(), x.shape[2], x.dtype, pin)
+        store.scatter(torch.arange(x.shape[0]), x, mask)
         return store
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.rows, *self.row_shape)
+    def rows(self) -> int:
+        return len(self.lengths)
 
     def _row(self, i: int) -> torch.Tensor:
-        chunk, offset = divmod(int(i), self.rows_per_chunk)
-        return self.chunks[chunk][offset]
+        chunk, start = self.place[int(i)]
+        return self.chunks[chunk][start : start + self.lengths[int(i)]]
 
-    def scatter(self, index: torch.Tensor, values: torch.Tensor) -> None:
-        """Write values (b, *row_shape), on any device, into rows `index` (b,). The dtype is converted where
-        the values are (on the GPU: before the copy, so half the bytes cross), then each row is copied."""
-        values = values.to(self.dtype)
+    def scatter(self, index: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """Write rows `index` (b,) from values (b, S, D) on any device: row j gets values[j] at its real positions,
+        mask[j] (b, S) bool on the CPU, one run of positions (padding only before and after them), at most the row's
+        room. The dtype is converted where the values are (on the GPU: before the copy, so half the bytes cross), then
+        each row is copied from a slice (no GPU sync to find it)."""
+        values, mask = values.to(self.dtype), mask.bool().cpu()
+        counts, starts = mask.sum(1), mask.long().argmax(1)  # (b,) each
+        ends = mask.shape[1] - mask.flip(1).long().argmax(1)  # (b,) one past each row's last real position
+        room = torch.tensor([self.capacity[i] for i in index.tolist()])
+        if not torch.equal(torch.where(counts > 0, ends - starts, counts), counts) or bool((counts > room).any()):
+            raise ValueError("each row must be one run of positions within its room: "
+                             f"{counts.tolist()} positions for rooms {room.tolist()}")
+        for j, (i, start, count) in enumerate(zip(index.tolist(), starts.tolist(), counts.tolist())):
+            self.lengths[i] = count
+            self._row(i).copy_(values[j, start : start + count], non_blocking=self.pin)
+
+    def gather(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `index` (b,) -> h (b, L, D) on `device`, each row from position 0 and zero-padded to the longest, L,
+        and its mask (b, L) bool; copied row by row (from pinned memory: asynchronously)."""
+        lengths = [self.lengths[i] for i in index.tolist()]
+        L = max(lengths, default=0)
+        out = torch.zeros((len(lengths), L, self.width), dtype=self.dtype, device=device)
         for j, i in enumerate(index.tolist()):
-            self._row(i).copy_(values[j], non_blocking=self.pin)
+            out[j, : lengths[j]].copy_(self._row(i), non_blocking=self.pin)
+        mask = torch.arange(L)[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]  # (b, L)
+        return out, mask.to(device)
 
-    def gather(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Rows `index` (b,) -> (b, *row_shape) on `device`, copied row by row (from pinned memory: asynchronously)."""
-        out = torch.empty((len(index), *self.row_shape), dtype=self.dtype, device=device)
-        for j, i in enumerate(index.tolist()):
-            out[j].copy_(self._row(i), non_blocking=self.pin)
-        return out
-
-    def tensor(self) -> torch.Tensor:
-        """All rows as one (N, *row_shape) CPU tensor: a copy, for tests and small uses only."""
-        return torch.cat(self.chunks) if self.chunks else torch.empty(self.shape, dtype=self.dtype)
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row as (N, L, D) zero-padded on the CPU, and its mask (N, L): a copy, for tests and small uses only."""
+        return self.gather(torch.arange(self.rows), torch.device("cpu"))
 
     def synchronize(self) -> None:
         """Wait for the asynchronous copies into these rows, so the host may read them (a no-op without pinning)."""

@@ -36,7 +36,7 @@ AT_LEAST = dict(total_trajectories=1, queries_per_step=1, group_size=1, max_new_
                 policy_minibatch_size=1, micro_batch_size=1, d_attn=1, rm_minibatch_groups=1, brme_heads=1,
                 brme_epochs=1, generation_batch_size=1, forward_batch_size=1, save_every=0, sample_every=0,
                 max_nonfinite_steps=1, rm_epochs=1, pretrain_rm_epochs=1, pretrain_rm_batch_size=1, pretrain_rm_lr=0.0,
-                policy_lr=0.0, rm_lr=0.0, brme_lr=0.0, clip_eps=0.0, beta=0.0, brme_sigma_prior=0.0)
+                policy_lr=0.0, rm_lr=0.0, brme_lr=0.0, clip_eps=0.0, beta=0.0, brme_sigma_prior=0.0, checkpoint_layers=-1)
 MORE_THAN = dict(max_grad_norm=0.0, temperature=0.0)
 WITHIN = dict(alpha=(0.0, 1.0), omega_floor=(0.0, 1.0), brme_lambda=(0.0, 1.0))
 

@@ -32,7 +32,8 @@ from launch import tiny  # noqa: E402
 def take_rows(ro: r2m.Rollout, rows: slice) -> r2m.Rollout:
     """This rank's rows of a rollout (every (N, ...) field)."""
     fields = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in vars(ro).items()}
-    fields["hidden"] = HostRows.from_tensor(ro.hidden.tensor()[rows])
+    h, mask = ro.hidden.padded()
+    fields["hidden"] = HostRows.from_tensor(h[rows], mask[rows])
     return r2m.Rollout(**fields)
 
 

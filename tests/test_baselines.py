@@ -60,10 +60,10 @@ def test_greedy_baseline_is_greedy_and_its_states_are_the_policys(tmp_path, toke
     rt = devices.make_runtime(cfg)
     batch = prompts[:5]
     ids, mask = data.pad_left(batch, tokenizer.pad_token_id)
-    capture = baselines.GenerationStateCapture(policy, HostRows.for_policy(len(batch), ids.shape[1] + 5, policy, rt))
+    capture = baselines.GenerationStateCapture(policy, HostRows.for_policy([len(p) + 5 for p in batch], policy, rt))
     with capture:  # one generate() call: every prompt fits one generation batch
         response, response_mask = r2m.generate_responses(policy, ids, mask, tokenizer, cfg, rt, greedy=True)
-    capture.end_batch(torch.arange(len(batch)))
+    capture.end_batch(torch.arange(len(batch)), r2m.hidden_state_mask(torch.cat([mask, response_mask], 1)))
     gc = GenerationConfig(do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id,
                           eos_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
@@ -75,8 +75,9 @@ def test_greedy_baseline_is_greedy_and_its_states_are_the_policys(tmp_path, toke
     full = torch.cat([ids, response], 1)
     full_mask = torch.cat([mask, response_mask], 1)
     h, h_mask = r2m.policy_hidden_states(policy, full, full_mask)
-    assert capture.hidden.shape == h.shape
-    torch.testing.assert_close(capture.hidden.tensor()[h_mask], h[h_mask], atol=1e-5, rtol=0)
+    captured, captured_mask = capture.hidden.padded()  # each row's real positions, from position 0
+    assert capture.hidden.lengths == h_mask.sum(1).tolist()
+    torch.testing.assert_close(captured[captured_mask], h[h_mask], atol=1e-5, rtol=0)
     # the baseline's reward is the RM's score of that greedy response, at the step's ω
     reward_model = r2m.R2MRewardModel(rm, d_policy=64, d_attn=16)
     greedy_rewards = baselines.greedy_baseline(policy, reward_model, tokenizer, batch, None, 0.7, cfg, rt, None, 0)

@@ -30,8 +30,8 @@ def test_rm_reads_its_own_template_and_policy_states_cover_policy_tokens(tmp_pat
         assert rm_text == f"### User: {prompts_text[row // 2]}\n### Assistant: {response}\n<|endoftext|>"
         assert "<|user|>" not in rm_text  # nothing of the policy's template leaks into the RM's view
         # hidden states: one per policy token that predicts a real next token, in the policy's width
-        assert int(ro.hidden_mask[row].sum()) == int(ro.attention_mask[row].sum()) - 1
-    assert ro.hidden.shape == (4, ro.query_responses.shape[1] - 1, 64)
+        assert ro.hidden.lengths[row] == int(ro.attention_mask[row].sum()) - 1
+    assert ro.hidden.rows == 4 and ro.hidden.width == 64
 
 
 def _embed(ensemble, view, rows, column):

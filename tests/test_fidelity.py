@@ -141,17 +141,17 @@ def test_hidden_states_used_by_the_rm_step_are_refreshed_in_the_last_epoch(tmp_p
     devices.disable_dropout(policy)
     torch.manual_seed(0)
     ro = r2m.rollout(policy, copy.deepcopy(policy), tokenizer, prompts[:4], None, cfg, rt, None, 0, True)
-    h_old = ro.hidden.tensor()
+    h_old, kept = ro.hidden.padded()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.policy_lr)
     after_first_step = {}
     optimizer.register_step_post_hook(
         lambda opt, *_: after_first_step.setdefault("policy", copy.deepcopy(policy)))
     advantages = torch.randn(16)
     r2m.policy_update(policy, optimizer, ro, advantages, cfg, rt)
-    mask = ro.hidden_mask
-    assert not torch.allclose(ro.hidden.tensor()[mask], h_old[mask])  # refreshed, not π_old's
-    h_expected, _ = r2m.policy_hidden_states(after_first_step["policy"], ro.query_responses, ro.attention_mask)
-    torch.testing.assert_close(ro.hidden.tensor()[mask], h_expected[mask], atol=1e-5, rtol=0)
+    h_new, _ = ro.hidden.padded()
+    assert not torch.allclose(h_new[kept], h_old[kept])  # refreshed, not π_old's
+    h_expected, mask = r2m.policy_hidden_states(after_first_step["policy"], ro.query_responses, ro.attention_mask)
+    torch.testing.assert_close(h_new[kept], h_expected[mask], atol=1e-5, rtol=0)
 
 
 def test_grebt_pairs_fresh_by_default_annotated_on_request(tmp_path, tokenizer):
@@ -163,7 +163,7 @@ def test_grebt_pairs_fresh_by_default_annotated_on_request(tmp_path, tokenizer):
     ro = r2m.Rollout(
         query_responses=torch.zeros(n * K, 6, dtype=torch.long), attention_mask=torch.ones(n * K, 6),
         response_mask=torch.ones(n * K, 2), old_logprobs=torch.zeros(n * K, 2), ref_logprobs=torch.zeros(n * K, 2),
-        hidden=HostRows.from_tensor(torch.randn(n * K, 5, 64)), hidden_mask=torch.ones(n * K, 5, dtype=torch.bool),
+        hidden=HostRows.from_tensor(torch.randn(n * K, 5, 64)),
         rm_input_ids=torch.zeros(n * K, 6, dtype=torch.long), rm_attention_mask=torch.ones(n * K, 6),
         contains_eos=torch.ones(n * K, dtype=torch.bool), prompt_len=4,
         reward_token_embedding=torch.randn(n * K, 48),
@@ -175,7 +175,7 @@ def test_grebt_pairs_fresh_by_default_annotated_on_request(tmp_path, tokenizer):
         mode = r2m.REWARD_MODES[mode_name]
         cfg = _cfg(tmp_path, grebt_pairs=pairs, alpha=0.0, rm_minibatch_groups=n, rm_lr=0.0)
         with torch.no_grad():
-            fresh = model.rewards_from_embedding(ro.reward_token_embedding, ro.hidden.tensor(), ro.hidden_mask, 0.5)
+            fresh = model.rewards_from_embedding(ro.reward_token_embedding, *ro.hidden.padded(), 0.5)
             fresh = fresh.view(n, K) if mode.sees_policy else model.rewards_from_embedding(
                 ro.reward_token_embedding).view(n, K)
         opt = torch.optim.AdamW(list(model.trainable_parameters(feedback=mode.sees_policy)), lr=0.0)

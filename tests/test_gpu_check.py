@@ -52,6 +52,10 @@ def test_the_rehearsal_runs_every_part_of_the_full_path_on_a_cpu(tmp_path):
     markdown = (out / "gpu_check.md").read_text().strip().splitlines()
     lines = proc.stdout.strip().splitlines()
     assert lines[-len(markdown):] == markdown and any(line.startswith("| policy update |") for line in markdown)
+    # how far the plan's two constants were off, from the plan's count of the same step's work
+    against = next(line for line in markdown if line.startswith("- against the plan's constants (R2M): "))
+    assert "TFLOP/s (assumed: 400)" in against and "ms a step of a generation batch (assumed: 30)" in against
+    assert report["plan"]["r2m"]["cost"]["decode_steps"] > 0
     # what comes back from a rented machine: at most 8 files, none more than 2 folders down
     files = files_under(out)
     assert len(files) <= 8 and all(f.count(os.sep) <= 2 for f in files), files

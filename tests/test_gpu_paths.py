@@ -139,21 +139,29 @@ def test_pretrained_rm_frees_its_gradients_and_cuts_each_batch_to_its_longest_ro
     assert min(shape[1] for shape in lengths) < longest
 
 
-def test_host_rows_are_written_and_read_by_row_in_chunks(monkeypatch):
-    monkeypatch.setattr(devices, "PINNED_CHUNK_BYTES", 3 * 5 * 4 * 4)  # three float32 rows of (5, 4) per chunk
-    x = torch.randn(8, 5, 4)
-    store = devices.HostRows(8, (5, 4), torch.float32)
-    assert [c.shape[0] for c in store.chunks] == [3, 3, 2]
-    store.scatter(torch.tensor([7, 0, 3]), x[[7, 0, 3]])
-    store.scatter(torch.tensor([1, 2, 4, 5, 6]), x[[1, 2, 4, 5, 6]])
-    torch.testing.assert_close(store.gather(torch.tensor([6, 2, 3]), torch.device("cpu")), x[[6, 2, 3]], rtol=0, atol=0)
-    torch.testing.assert_close(store.tensor(), x, rtol=0, atol=0)
-    bf16 = devices.HostRows(2, (5, 4), torch.bfloat16)
-    bf16.scatter(torch.arange(2), x[:2])  # converted where the values are, then copied
-    assert bf16.gather(torch.arange(2), torch.device("cpu")).dtype == torch.bfloat16
+def test_host_rows_hold_each_row_at_its_own_length_in_chunks(monkeypatch):
+    monkeypatch.setattr(devices, "PINNED_CHUNK_BYTES", 15 * 4 * 4)  # 15 positions of 4 float32 features per chunk
+    lengths = [5, 5, 5, 4, 2, 7, 1, 3]
+    x = torch.randn(8, 9, 4)
+    mask = torch.zeros(8, 9, dtype=torch.bool)  # each row's real positions: one run, left and right padding around
+    for i, n in enumerate(lengths):
+        mask[i, 9 - n - i % 2 : 9 - i % 2] = True
+    store = devices.HostRows(lengths, 4, torch.float32)
+    assert [c.shape[0] for c in store.chunks] == [15, 14, 3]  # whole rows, in order, no padding stored
+    store.scatter(torch.tensor([7, 0, 3]), x[[7, 0, 3]], mask[[7, 0, 3]])
+    store.scatter(torch.tensor([1, 2, 4, 5, 6]), x[[1, 2, 4, 5, 6]], mask[[1, 2, 4, 5, 6]])
+    h, kept = store.gather(torch.tensor([6, 2, 5]), torch.device("cpu"))  # from position 0, zero-padded
+    assert h.shape == (3, 7, 4) and kept.sum(1).tolist() == [1, 5, 7]
+    torch.testing.assert_close(h[kept], x[[6, 2, 5]][mask[[6, 2, 5]]], rtol=0, atol=0)
+    assert not h[~kept].any()
+    with pytest.raises(ValueError, match="room"):  # more positions than the row was given
+        store.scatter(torch.tensor([6]), x[[5]], mask[[5]])
+    bf16 = devices.HostRows([9, 9], 4, torch.bfloat16)
+    bf16.scatter(torch.arange(2), x[:2], torch.ones(2, 9, dtype=torch.bool))  # converted where the values are
+    assert bf16.gather(torch.arange(2), torch.device("cpu"))[0].dtype == torch.bfloat16
     # what pinning reserves: each chunk rounded up to a power of two, as PyTorch's pinned allocator does
     assert devices.pinned_bytes(91_900_000) == 2**27 and devices.pinned_bytes(2**28) == 2**28
-    assert devices.HostRows.reserved_bytes(8, (5, 4), torch.float32) == 2 * 256 + 256  # 240 -> 256, 160 -> 256
+    assert devices.HostRows.reserved_bytes(lengths, 4, torch.float32) == 256 + 256 + 64  # 240, 224, 48 bytes
 
 
 def test_a_step_never_concatenates_its_hidden_states_and_the_last_step_is_released_first(tmp_path, tokenizer, prompts):

@@ -154,7 +154,7 @@ def test_grebt_step_lowers_its_loss_on_a_fixed_batch(tmp_path, tokenizer):
     ro = r2m.Rollout(
         query_responses=torch.zeros(n * K, S + 1, dtype=torch.long), attention_mask=torch.ones(n * K, S + 1),
         response_mask=torch.ones(n * K, 1), old_logprobs=torch.zeros(n * K, 1), ref_logprobs=torch.zeros(n * K, 1),
-        hidden=HostRows.from_tensor(torch.randn(n * K, S, 64)), hidden_mask=torch.ones(n * K, S, dtype=torch.bool),
+        hidden=HostRows.from_tensor(torch.randn(n * K, S, 64)),
         rm_input_ids=torch.zeros(n * K, 1, dtype=torch.long), rm_attention_mask=torch.ones(n * K, 1),
         contains_eos=torch.ones(n * K, dtype=torch.bool), prompt_len=S, reward_token_embedding=torch.randn(n * K, 48),
     )
@@ -209,3 +209,29 @@ def test_whole_rm_grebt_step_in_micro_batches_is_the_same_update(tmp_path, token
         torch.testing.assert_close(after[4][k], after[32][k], atol=1e-5, rtol=1e-4, msg=k)
     start = tiny.build_reward_model(tokenizer, seed=1).base_model.state_dict()
     assert any(not torch.equal(after[32]["reward_model.gpt_neox." + k], v) for k, v in start.items())  # the body moved
+
+
+def test_the_policy_gradient_is_the_same_for_micro_batches_of_1_2_4_rows_and_the_whole_minibatch(tmp_path, tokenizer,
+                                                                                                  prompts):
+    """Each micro-batch's loss is divided by the number of micro-batches in a minibatch, so the accumulated gradient is
+    the minibatch mean's, however it is split (and each piece cut to its own longest row)."""
+    policy = tiny.build_policy(tokenizer, seed=0)
+    cfg = tiny_cfg(tmp_path, policy_minibatch_size=16, micro_batch_size=16, policy_epochs=1, max_grad_norm=1e9)
+    rt = devices.make_runtime(cfg)
+    torch.manual_seed(0)
+    varied = [p[-(9 + 5 * (i % 6)):] for i, p in enumerate(prompts[:4])]  # prompts of 9 to 34 tokens
+    ro = r2m.rollout(policy, copy.deepcopy(policy), tokenizer, varied, None, cfg, rt, None, 0, False)
+    advantages = torch.randn(16)
+    grads = {}
+    for micro in (1, 2, 4, 16):
+        model = copy.deepcopy(policy)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        optimizer.register_step_pre_hook(lambda opt, *_: grads.__setitem__(
+            micro, [p.grad.clone() for p in model.parameters()]))
+        micro_cfg = tiny_cfg(tmp_path, policy_minibatch_size=16, micro_batch_size=micro, policy_epochs=1,
+                             max_grad_norm=1e9)
+        r2m.policy_update(model, optimizer, ro, advantages, micro_cfg, rt)
+    assert any(g.abs().sum() > 0 for g in grads[16])
+    for micro in (1, 2, 4):
+        for got, expected in zip(grads[micro], grads[16]):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4, msg=f"micro-batches of {micro}")

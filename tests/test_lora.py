@@ -77,7 +77,7 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base_model(tmp_path, t
 
 
 def test_hidden_states_are_the_adapted_policys(tmp_path, tokenizer, prompts):
-    """The hook on the LM head sees the adapter's effect, and the reference's forward (adapter off, same
+    """The hook on the backbone sees the adapter's effect, and the reference's forward (adapter off, same
     modules) does not overwrite what the old-log-prob forward captured."""
     policy, base = lora_policy(tokenizer)
     with torch.no_grad():
@@ -89,8 +89,9 @@ def test_hidden_states_are_the_adapted_policys(tmp_path, tokenizer, prompts):
     ro = r2m.rollout(policy, lora.AdapterDisabledReference(policy), tokenizer, prompts[:4], None, cfg, rt, None, 0)
     adapted, h_mask = r2m.policy_hidden_states(policy, ro.query_responses, ro.attention_mask)
     original, _ = r2m.policy_hidden_states(base, ro.query_responses, ro.attention_mask)
-    assert torch.allclose(ro.hidden.tensor()[h_mask], adapted[h_mask], atol=1e-5)
-    assert not torch.allclose(ro.hidden.tensor()[h_mask], original[h_mask], atol=1e-2)
+    captured, kept = ro.hidden.padded()
+    assert torch.allclose(captured[kept], adapted[h_mask], atol=1e-5)
+    assert not torch.allclose(captured[kept], original[h_mask], atol=1e-2)
     assert torch.allclose(ro.ref_logprobs, logprobs(base, ro.query_responses, ro.attention_mask, ro.prompt_len, cfg.temperature), atol=1e-6)
 
 

@@ -93,10 +93,13 @@ def test_host_memory_is_the_hidden_states_as_pinned_chunks(plans):
     counted as the pinned allocator reserves it), once: no concatenated copy, no previous step's rows beside it."""
     fake, real, _, _ = plans
     cfg, _ = memory_plan.plan_config(_cfg(), "unused")
-    rows = devices.HostRows.reserved_bytes(cfg.trajectories_per_step, (PROMPT_TOKENS + cfg.max_new_tokens - 1, 64),
-                                           torch.bfloat16)
+    R = cfg.max_new_tokens
+    # each row holds its own positions: prompts of PROMPT_TOKENS or one fewer tokens, responses of R
+    assert fake["row_lengths"] == real["row_lengths"] and set(fake["row_lengths"]) == {PROMPT_TOKENS + R - 2,
+                                                                                        PROMPT_TOKENS + R - 1}
+    rows = devices.HostRows.reserved_bytes(fake["row_lengths"], 64, torch.bfloat16)
     assert fake["host_peak"] == real["host_peak"] == rows
-    host = memory_plan.host_plan(fake, cfg, PROMPT_TOKENS)
+    host = memory_plan.host_plan(fake, cfg, [n - R + 1 for n in fake["row_lengths"][:: cfg.group_size]])
     assert host["hidden"] == rows and host["peak"] == max(host["models"], rows)
     assert host["models"] == fake["models_host_bytes"] > 0
 
@@ -186,24 +189,32 @@ def test_hidden_state_capture_hands_over_its_states():
     assert h.shape == (2, 6, policy.config.hidden_size) and cap.hidden is None
 
 
-def test_fit_finds_the_largest_batch_sizes_whose_phases_fit():
-    """--fit's search against a stand-in plan whose phase peaks grow linearly with their batch sizes."""
+def test_fit_finds_the_largest_batch_sizes_and_the_fewest_checkpointed_layers_that_fit():
+    """--fit's search against a stand-in plan whose phase peaks grow linearly with their batch sizes, and fall by a
+    layer's activations for each checkpointed layer (of 8)."""
     GiB = memory_plan.GiB
     tried = []
 
     def run(c):
-        tried.append((c.generation_batch_size, c.forward_batch_size, c.micro_batch_size))
+        tried.append(c)
+        layers = 8 if c.checkpoint_layers < 0 else c.checkpoint_layers
         peaks = {"generation": 1.0 * c.generation_batch_size / 8, "old/ref log-probs": 0.5 * c.forward_batch_size,
-                 "RM annotation": 0.25 * c.forward_batch_size, "policy forward/backward": 3.0 * c.micro_batch_size,
-                 "policy AdamW step": 1.0, "RM update (GREBT)": 1.0}
+                 "RM annotation": 0.25 * c.forward_batch_size, "policy AdamW step": 1.0, "RM update (GREBT)": 1.0,
+                 "policy forward/backward": 0.5 * c.micro_batch_size + 0.25 * (8 - layers)}
         return {"peaks": {(2, p): int(v * GiB) for p, v in peaks.items()}}
 
-    cfg = _cfg(queries_per_step=64, policy_minibatch_size=64)
-    chosen, result = memory_plan.fit(cfg, run, budget_gib=5.0, log=lambda s: None)
-    # generation: 32/8 = 4 GiB fits, 64/8 = 8 does not; forward: 8 x 0.5 = 4 fits, 16 does not; micro: 1 x 3 fits
-    assert (chosen.generation_batch_size, chosen.forward_batch_size, chosen.micro_batch_size) == (32, 8, 1)
-    assert result["peaks"][(2, "generation")] == 4 * GiB
-    assert len(tried) <= 6
+    cfg = _cfg(queries_per_step=256, group_size=2, policy_minibatch_size=64, generation_batch_size=64,
+               checkpoint_layers=-1)
+    chosen, result = memory_plan.fit(cfg, run, budget_gib=5.0, layers=8, log=lambda s: None)
+    # generation: 40/8 = 5 GiB fits (capped at 128 in any case); forward: 8 x 0.5 fits, 16 does not (multiples of 8
+    # above 8); micro-batch: 8 x 0.5 + 4 layers' activations fits, 16 does not (divisors of 64); then the fewest
+    # checkpointed layers for micro-batches of 8: 0.5 x 8 + 0.25 x (8 - k) <= 5 -> k = 4
+    assert (chosen.generation_batch_size, chosen.forward_batch_size, chosen.micro_batch_size) == (40, 8, 8)
+    assert chosen.checkpoint_layers == 4
+    assert result["peaks"][(2, "generation")] == 5 * GiB and len(tried) <= 16
+    capped, _ = memory_plan.fit(cfg, run, budget_gib=100.0, flags=["generation_batch_size"], layers=8,
+                                log=lambda s: None)
+    assert capped.generation_batch_size == memory_plan.GENERATION_CAP == 128
 
 
 def test_autocast_keeps_no_bf16_copy_of_the_weights():
@@ -216,3 +227,54 @@ def test_autocast_keeps_no_bf16_copy_of_the_weights():
         live = counter.device
     assert y.dtype == torch.bfloat16
     assert live < 2**20, live  # the (2, 1024) output only, not the 2 MiB weight copy
+
+
+def test_the_step_cost_counts_the_batches_the_code_runs(tmp_path):
+    """The plan's count of a step's work (step_cost) against a real step on real tensors: every forward's rows x
+    columns, per phase, recorded by hooks on the models, with prompts of many lengths."""
+    from types import SimpleNamespace
+
+    build = _configs(tmp_path)
+    cfg = _cfg(queries_per_step=8, group_size=2, total_trajectories=16, policy_minibatch_size=8, micro_batch_size=2,
+               generation_batch_size=4, forward_batch_size=4, output_dir=str(tmp_path / "run"), save_every=0,
+               sample_every=0, device="cpu")
+    lengths = [21, 9, 30, 14, 26, 12, 17, 24]
+    policy, ref_policy, rm, vocab = build()
+    slots = {p: 0 for p in memory_plan.COST_PHASES}
+    where = ["old/ref log-probs"]
+
+    def record(phase_of):
+        def hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None and ids.shape[1] > 1:  # a decoding step's one new token is not a forward batch
+                slots[phase_of()] += ids.numel()
+        return hook
+
+    generate = policy.generate
+
+    def generating(*a, **k):
+        where[0] = "generation"
+        try:
+            return generate(*a, **k)
+        finally:
+            where[0] = "old/ref log-probs"
+
+    policy.generate = generating
+    policy.get_decoder().register_forward_pre_hook(
+        record(lambda: "policy update" if policy.training and torch.is_grad_enabled() else where[0]), with_kwargs=True)
+    ref_policy.get_decoder().register_forward_pre_hook(record(lambda: "old/ref log-probs"), with_kwargs=True)
+    rm.base_model.register_forward_pre_hook(record(lambda: "RM annotation"), with_kwargs=True)
+    prompts = [[1 + (3 * i + j) % (vocab - 2) for j in range(n)] for i, n in enumerate(lengths)]
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=vocab + 1, decode=lambda *a, **k: "")  # no EOS
+    torch.manual_seed(0)
+    r2m.train(policy, ref_policy, r2m.R2MRewardModel(rm, d_policy=64, d_attn=32), tokenizer, prompts, cfg)
+    chosen = r2m.step_prompt_indices(len(prompts), cfg.queries_per_step, 0, cfg.seed)
+    cost = memory_plan.step_cost(cfg, [lengths[i] for i in chosen], memory_plan.flop_rates(build, cfg.d_attn))
+    for phase in ("generation", "old/ref log-probs", "RM annotation"):  # the same batches, exactly
+        assert cost.slots[phase] == slots[phase], (phase, cost.slots[phase], slots[phase])
+    # the update's minibatches are random draws: the count's and the run's differ in composition, not in scale
+    assert abs(cost.slots["policy update"] - slots["policy update"]) <= 0.15 * slots["policy update"]
+    padded = memory_plan.step_cost(cfg, [lengths[i] for i in chosen], memory_plan.flop_rates(build, cfg.d_attn),
+                                   padded=True)
+    assert padded.padding > 0.2 > cost.padding and padded.step_seconds > cost.step_seconds
+    assert sum(cost.real.values()) == sum(padded.real.values())  # the same real tokens, in fewer slots

@@ -75,4 +75,9 @@ def test_memory_plan_command_line_on_small_configs(tmp_path):
                 "--gpu_memory_gib", "1")
     assert lines[-1].startswith("predicted peak ") and "fits with" in lines[-1]
     assert any(line.startswith("generation") for line in lines)
+    # the step's work: its padding and the predicted run, before the verdict
+    padding = next(line for line in lines if line.startswith("padding: "))
+    assert padding.endswith("% of the step's tokens") and 0 <= float(padding.split()[1].rstrip("%")) < 100
+    run_line = next(line for line in lines if line.startswith("predicted run: "))
+    assert " GPU-days on one H100 (" in run_line and float(run_line.split()[2]) >= 0 and " steps of " in run_line
     assert not os.path.exists(tmp_path / "plan")  # the plan simulates a run; it writes none
