@@ -539,7 +539,7 @@ def against_the_plan(measured: dict, plan: dict) -> list[str]:
     cost, phases = plan.get("cost"), measured.get("phases")
     if not cost or not phases:
         return []
-    rates = [f"{phase} {cost['flops'][phase] / phases[phase]['seconds'] / 1e12:.0f}"
+    rates = [f"{phase} {cost['flops'][phase] / phases[phase]['seconds'] / 1e12:.3g}"
              for phase in ("old/ref log-probs", "RM annotation", "policy update") if phases.get(phase, {}).get("seconds")]
     flops_per_second, decode = plan["constants"]["flops_per_second"], plan["constants"]["decode_step_seconds"]
     generation = phases.get("generation", {}).get("seconds", 0.0)

@@ -611,7 +611,10 @@ def flop_rates(build_models, d_attn: int) -> Rates:
             counts = [forward(lambda: backbone(input_ids=ids)), backward(lambda: backbone(input_ids=ids)),
                       forward(lambda: head(states)), backward(lambda: head(states)), forward(lambda: rm.base_model(ids))]
             rates.append([c / (b * S) for c in counts])
-        assert rates[0] == rates[1], f"the FLOP counter's counts are not linear in tokens: {rates}"
+        # Some transformers versions compute the rotary angles once per position, not per row, as a small product
+        # the counter sees (a few FLOPs per token out of ~10^10): the two shapes agree to far better than 0.1%.
+        assert all(abs(x - y) <= 1e-3 * max(x, y) for x, y in zip(*rates)), \
+            f"the FLOP counter's counts are not linear in tokens: {rates}"
         attention = r2m.PolicyFeedbackAttention(rm.score.in_features, head.in_features, d_attn)
         h_last = torch.zeros(1, rm.score.in_features)
 
