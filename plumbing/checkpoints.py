@@ -202,8 +202,10 @@ def load_checkpoint(output_dir: str, policy, reward_model, optimizers: dict, sch
         if path != final:
             _repair(path, final)
 
-    # --- distributed: rank 0 alone looks and repairs (a rank looking after it would find the layout repaired and
-    # skip the collective rank 0 waits in); the others wait, then read the repaired one ---
+    # --- distributed: rank 0 alone repairs, once every rank has looked at the layout (a rank looking during the
+    # renames could find no checkpoint at all; one looking after would skip the collective rank 0 waits in); the
+    # others wait, then read the repaired one ---
+    distributed.barrier()
     distributed.on_main_process(repair, TrainingError)
     distributed.barrier()
     for note in resume_notes(_marker(final)["config"], cfg, fitted_before_rl):

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/distributed_checks.py LOG train_tldr [script flags...]
         runs train_tldr.py's main with every rank logging, one line `rank what` per call, when it repairs an
-        interrupted save (`checkpoints._swap_in` of a found folder: step -1) or loads a full policy from a checkpoint (`from_pretrained`).
+        interrupted save (`checkpoints._swap_in` of a found folder: step -1), loads a full policy from a checkpoint
+        (`from_pretrained`) or has looked at the run's folder (`check_output_dir`; rank 1 looks 2 s late).
     torchrun --nproc_per_node 2 tests/distributed_checks.py OUT.pt rm_rewards CHECKPOINT
         loads a checkpoint's reward model (a fine-tuned body included) into a sharded RM through
         `load_trainable_state_dict`, scores fixed preference pairs on every rank, and rank 0 writes every rank's
@@ -27,7 +28,11 @@ from launch import tiny  # noqa: E402
 
 
 def log_calls(log: str) -> None:
-    """Every rank appends a line to `log` when it repairs a checkpoint layout or loads a full policy."""
+    """Every rank appends a line to `log` when it repairs a checkpoint layout or loads a full policy, and when it has
+    looked at the layout (the end of `check_output_dir`); rank 1 looks 2 s late, so a repair that does not wait for
+    every rank's look comes first in the log."""
+    import time
+
     from transformers import GPTNeoXForCausalLM
 
     def write(what: str) -> None:
@@ -48,7 +53,19 @@ def log_calls(log: str) -> None:
             write("loads the policy")
         return from_pretrained(cls, path, *args, **kwargs)
 
+    has_checkpoint, check_output_dir = checkpoints.has_checkpoint, checkpoints.check_output_dir
+
+    def late_has_checkpoint(output_dir):
+        if os.environ.get("RANK", "0") == "1":
+            time.sleep(2)
+        return has_checkpoint(output_dir)
+
+    def logged_check_output_dir(cfg):
+        check_output_dir(cfg)
+        write("looked")
+
     checkpoints._swap_in = logged_swap_in
+    checkpoints.has_checkpoint, checkpoints.check_output_dir = late_has_checkpoint, logged_check_output_dir
     GPTNeoXForCausalLM.from_pretrained = classmethod(logged_from_pretrained)
 
 
