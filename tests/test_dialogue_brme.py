@@ -68,13 +68,15 @@ def test_brme_rl_run_raises_the_robust_reward(tmp_path, tokenizer, prompts):
     view = data.make_rm_view(tokenizer)
     rows = tiny.synthetic_preference_rows(128, seed=5 + LEARNING_SEED)
     pairs = tuple(data.pad_right([view(r["prompt"], r[c]) for r in rows], 0) for c in ("chosen", "rejected"))
-    cfg = r2m.R2MConfig(reward="brme", queries_per_step=8, group_size=4, total_trajectories=32 * 16,
+    cfg = r2m.R2MConfig(reward="brme", queries_per_step=8, group_size=4, total_trajectories=32 * 24,
                         max_new_tokens=3, policy_lr=1e-2, beta=0.0, policy_minibatch_size=16, micro_batch_size=8,
                         forward_batch_size=16, generation_batch_size=32, device="cpu", brme_epochs=5, brme_lr=3e-2,
                         output_dir=str(tmp_path / "run"), save_every=0, sample_every=0, seed=LEARNING_SEED)
     fitted_alone = copy.deepcopy(ensemble)  # the same fit, without RL after it
     fitted_alone.fit_before_rl(*pairs, cfg=cfg, runtime=devices.make_runtime(cfg))
     history = r2m.train(policy, ref_policy, ensemble, tokenizer, prompts, cfg, preferences=pairs)  # fits, then RL
+    # 24 steps: the rise beat one initial standard deviation by 1.45x or more over seeds 0-5 and 1-2 threads (16 did
+    # not at every seed)
     rewards = [h["reward/mean"] for h in history]
     assert learned(sum(rewards[-3:]) / 3 - sum(rewards[:3]) / 3, history[0]["reward/std"]), rewards
     heads = fitted_alone.heads.state_dict()
