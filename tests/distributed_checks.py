@@ -53,19 +53,16 @@ def log_calls(log: str) -> None:
             write("loads the policy")
         return from_pretrained(cls, path, *args, **kwargs)
 
-    has_checkpoint, check_output_dir = checkpoints.has_checkpoint, checkpoints.check_output_dir
+    check_output_dir = checkpoints.check_output_dir
 
-    def late_has_checkpoint(output_dir):
+    def late_check_output_dir(cfg):  # the last look before the repair, after the models' collectives
         if os.environ.get("RANK", "0") == "1":
             time.sleep(2)
-        return has_checkpoint(output_dir)
-
-    def logged_check_output_dir(cfg):
         check_output_dir(cfg)
         write("looked")
 
     checkpoints._swap_in = logged_swap_in
-    checkpoints.has_checkpoint, checkpoints.check_output_dir = late_has_checkpoint, logged_check_output_dir
+    checkpoints.check_output_dir = late_check_output_dir
     GPTNeoXForCausalLM.from_pretrained = classmethod(logged_from_pretrained)
 
 
