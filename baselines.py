@@ -212,7 +212,6 @@ def pretrain_reward_model(reward_model: r2m.R2MRewardModel, chosen: tuple[torch.
     after = accuracy()
     if not sharded:  # stored like the other frozen models from now on (a sharded one computes in bf16 anyway)
         devices.cast_parameters(reward_model.reward_model, runtime.frozen_dtype)
-    reward_model.save_body = True  # the fine-tuned body is part of the run's state: checkpoints keep it
     return before, after
 
 

@@ -51,6 +51,8 @@ from typing import Optional  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from launch import configs  # noqa: E402  (the standard library only: no torch before the setting above)
+
 GiB = 2**30
 PHASES = ["generation", "old/ref log-probs", "RM annotation", "policy update", "RM update (GREBT)"]
 # the memory plan's phases, as measured here (the plan splits the policy update into forward/backward and AdamW)
@@ -59,8 +61,8 @@ PLAN_PHASES = {"generation": ["generation"], "old/ref log-probs": ["old/ref log-
 STEP_CONFIG = "pythia-2.8b.json"  # the TL;DR policy and RM architecture
 SIZES = {
     # the TL;DR defaults (generation, forward and micro batch sizes, checkpointed layers: r2m.R2MConfig's) but 64 prompts
-    # x 4, of TL;DR's prompt lengths (launch.configs.TLDR_PROMPT_LENGTHS): every phase at its full batch size
-    "full": dict(queries_per_step=64, group_size=4, max_new_tokens=50, prompt_lengths=(181, 512),
+    # x 4, of TL;DR's prompt lengths: every phase at its full batch size
+    "full": dict(queries_per_step=64, group_size=4, max_new_tokens=50, prompt_lengths=configs.TLDR_PROMPT_LENGTHS,
                  policy_minibatch_size=256, rm_minibatch_groups=32, d_attn=2048),
     # the same config file cut to a tiny size (launch.configs.TINY), at step sizes a CPU runs in seconds
     "tiny": dict(queries_per_step=8, group_size=4, max_new_tokens=8, prompt_lengths=(12, 32), generation_batch_size=16,
@@ -183,8 +185,6 @@ def check_configs(rehearse: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from launch import configs
-
     out, failed = {}, []
     for path in configs.shipped_configs():
         name = os.path.basename(path)
@@ -287,7 +287,6 @@ def step_prompts(size: dict, vocab: int) -> tuple[list[list[int]], list[int]]:
     measured step's (the second step's) prompts, which the memory plan counts that step's work on."""
     import random
 
-    from launch import configs
     from plumbing.data import step_prompt_indices
 
     n = size["queries_per_step"]
@@ -308,7 +307,7 @@ def measure(variant: str, size: dict, device: str, config: str, tiny: bool, outp
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import r2m
-    from launch import configs, runner
+    from launch import runner
 
     torch.manual_seed(0)
     model_config = configs.model_config(config, tiny=tiny, num_labels=1)
@@ -481,9 +480,9 @@ def table(report: dict) -> str:
     parts = report["parts"]
     failed = [p for p, r in parts.items() if not r["ok"]]
     lines.append(f"- parts: {len(parts) - len(failed)} of {len(parts)} ok" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
-    configs = parts.get("configs", {}).get("configs", {})
-    if configs:
-        lines.append("- configs: " + "; ".join(f"{k} {v}" for k, v in configs.items()))
+    built = parts.get("configs", {}).get("configs", {})
+    if built:
+        lines.append("- configs: " + "; ".join(f"{k} {v}" for k, v in built.items()))
     for script in ("train_tldr.py", "train_ultrafeedback.py"):
         s = parts.get(f"smoke {script}")
         if s:
@@ -588,8 +587,6 @@ def main(argv=None) -> dict:
         results.add("configs", check_configs(rehearse=tiny))
         step_config_file = args.step_config
         if tiny:  # the plan reads a config file: the cut one, through the same function
-            from launch import configs
-
             step_config_file = os.path.join(tmp, "tiny_" + os.path.basename(args.step_config))
             configs.model_config(args.step_config, tiny=True).to_json_file(step_config_file)
         # the memory plan needs only the CPU: it runs while the device measures

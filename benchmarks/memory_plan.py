@@ -540,8 +540,6 @@ def config_builder(policy_json: str, reward_json: str, bf16: bool):
     runner.load_pretrained loads them on a GPU), from config files only."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from launch import configs
-
     frozen = torch.bfloat16 if bf16 else torch.float32
 
     def build():  # the one function that turns a config file into a model config (the GPU check builds with it too)

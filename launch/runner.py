@@ -71,8 +71,6 @@ def preferences_to_fit(cfg: R2MConfig, rm_view: data.RMView):
     fit_on = REWARD_MODES[cfg.reward].fit_on
     if not fit_on or (cfg.resume and has_checkpoint(cfg.output_dir)):
         return None
-    if not getattr(cfg, fit_on):
-        raise SystemExit(f"error: --reward {cfg.reward} needs --{fit_on} (JSON lines: prompt, chosen, rejected)")
     return data.preference_views(getattr(cfg, fit_on), rm_view)
 
 

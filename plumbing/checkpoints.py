@@ -400,6 +400,5 @@ def load_heads_state_dict(reward_model, state: dict) -> None:
     reward_model.policy_feedback.load_state_dict(state["policy_feedback"])
     reward_model.score_head.load_state_dict(state["score_head"])
     if "body" in state:
-        reward_model.save_body = True  # a resumed Pretrained-RM run keeps its fine-tuned body in later checkpoints
         # --- distributed: rank 0's full copy, each process keeping its own shard ---
         distributed.load_full_state_dict(reward_model.reward_model.base_model, state["body"])
